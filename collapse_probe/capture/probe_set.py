@@ -1,0 +1,108 @@
+"""A fixed probe set: teacher-forced canonical tool-use contexts scored at decision positions.
+
+On-policy numbers (the model's own rollouts) move first, but they depend on what the policy happened to
+sample. A fixed set of gold contexts gives series that compare across runs and checkpoints. Build it from
+the embedded tool world, or from your own chat conversations (OpenAI-style messages, rendered with the
+tokenizer's chat template; assistant spans found by rendering prefixes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from collapse_probe.capture.stats import decision_positions, position_stats
+from collapse_probe.errors import UserError
+from collapse_probe.tokens import ControlTokens, resolve_control_tokens
+
+
+@dataclass
+class ProbeSet:
+    seqs: list[list[int]]
+    gen_masks: list[list[int]]  # 1 on assistant tokens: the positions the model would produce
+    roles: ControlTokens
+    pad_id: int
+
+    @classmethod
+    def from_world(cls, tokenizer, n: int = 16, roles: ControlTokens | None = None) -> "ProbeSet":
+        from collapse_probe.train import sft, world  # the tool world is optional for user probe sets
+
+        seqs, masks = [], []
+        for task in world.task_split("probe", n):
+            ids, mask = sft.encode_trajectory(tokenizer, task)
+            seqs.append(ids)
+            masks.append(mask)
+        return cls(seqs, masks, roles or resolve_control_tokens(tokenizer), _pad(tokenizer))
+
+    @classmethod
+    def from_messages(cls, tokenizer, conversations: list[list[dict]], *, tools: list[dict] | None = None,
+                      roles: ControlTokens | None = None) -> "ProbeSet":
+        """Each conversation is a list of {"role", "content"[, "tool_calls"]} messages."""
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("the tokenizer has no chat template: build the probe set from token ids instead, "
+                            "or set tokenizer.chat_template")
+        seqs, masks = [], []
+        for conv in conversations:
+            ids: list[int] = []
+            mask: list[int] = []
+            for i, msg in enumerate(conv):
+                if msg.get("role") != "assistant":
+                    continue
+                head = _render(tokenizer, conv[:i], tools, add_generation_prompt=True)
+                full = _render(tokenizer, conv[: i + 1], tools, add_generation_prompt=False)
+                if full[: len(head)] != head:
+                    raise UserError("the chat template does not render conversations prefix-consistently; "
+                                    "pass token ids to ProbeSet(...) directly")
+                if len(head) > len(ids):
+                    mask += [0] * (len(head) - len(ids))
+                mask += [1] * (len(full) - len(head))
+                ids = full
+            if ids:
+                seqs.append(ids)
+                masks.append(mask[: len(ids)])
+        if not seqs:
+            raise UserError("the probe conversations hold no assistant message: add at least one assistant turn")
+        return cls(seqs, masks, roles or resolve_control_tokens(tokenizer), _pad(tokenizer))
+
+    @torch.no_grad()
+    def score(self, model, *, batch_size: int = 16, source: str = "probe") -> dict[str, float]:
+        """One no-grad forward per batch; returns `cp/probe/{position}/{role}` means over the whole set."""
+        was_training = model.training
+        model.eval()
+        sums: dict[str, float] = {}
+        counts: dict[str, float] = {}
+        role_ids = dict(self.roles.ids)
+        device = next(model.parameters()).device
+        for i in range(0, len(self.seqs), batch_size):
+            seqs, masks = self.seqs[i:i + batch_size], self.gen_masks[i:i + batch_size]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+            gen = torch.zeros_like(ids)
+            attn = torch.zeros_like(ids)
+            for j, (s, m) in enumerate(zip(seqs, masks)):
+                ids[j, :len(s)], gen[j, :len(m)], attn[j, :len(s)] = torch.tensor(s), torch.tensor(m), 1
+            ids, gen, attn = ids.to(device), gen.to(device), attn.to(device)
+            logits = model(input_ids=ids, attention_mask=attn).logits
+            pos = decision_positions(ids, gen, role_ids)
+            rec = position_stats(logits, ids, pos, role_ids, is_logp=False, source=source)
+            for k, v in rec.items():  # weight each batch's means by its position count
+                kind = k.split("/")[2]
+                w = rec.get(f"cp/{source}/{kind}/count", 0.0)
+                if k.endswith("/count"):
+                    sums[k] = sums.get(k, 0.0) + v
+                    continue
+                sums[k] = sums.get(k, 0.0) + v * w
+                counts[k] = counts.get(k, 0.0) + w
+        model.train(was_training)
+        return {k: (v / counts[k] if k in counts and counts[k] else v) for k, v in sums.items()}
+
+
+def _pad(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+def _render(tokenizer, messages, tools, add_generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True,
+                                        add_generation_prompt=add_generation_prompt, return_dict=False)
+    return list(out["input_ids"] if isinstance(out, dict) else out)

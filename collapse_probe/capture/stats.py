@@ -1,0 +1,90 @@
+"""Control-token statistics at decision positions, computed from logits or log-probs already in hand.
+
+A decision position is a place in a sequence where the next token decides structure:
+
+    after_open   right after the tool-call opening tag (and its newline, when the tokenizer has one)
+    turn_start   the first token of each generated assistant turn
+    after_close  right after the tool-call closing tag
+    json_body    right after the JSON body opens (`{"` or `{`) inside a call
+
+Position t "predicts" token t+1; only positions whose next token the policy generated count (`gen_mask`), so
+tags in the system prompt are never measured. All statistics gather K control columns at M decision rows:
+no second full-vocabulary tensor is built (the trainer's own log-softmax is reused when it exists).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+POSITION_KINDS = ("after_open", "turn_start", "after_close", "json_body")
+
+
+def decision_positions(ids: torch.Tensor, gen_mask: torch.Tensor, role_ids: dict[str, int]
+                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(row, col) indices of each position kind in a right-padded batch [N, T]."""
+    n, t = ids.shape
+    prev = torch.full_like(ids, -1)
+    prev[:, 1:] = ids[:, :-1]
+    nxt = torch.full_like(ids, -1)
+    nxt[:, :-1] = ids[:, 1:]
+    gen_next = torch.zeros_like(gen_mask, dtype=torch.bool)
+    gen_next[:, :-1] = gen_mask[:, 1:].bool()
+    gen_here = gen_mask.bool()
+    opn, nl = role_ids.get("tool_open", -2), role_ids.get("newline", -2)
+    out: dict[str, torch.Tensor] = {}
+    # The tag opens a call; measure after its newline, or after the tag itself when no newline follows.
+    after_tag = (ids == opn) & (nxt != nl)
+    after_nl = (ids == nl) & (prev == opn)
+    out["after_open"] = (after_tag | after_nl) & gen_next
+    start = gen_next & ~gen_here
+    start[:, 0] = False
+    out["turn_start"] = start
+    out["after_close"] = (ids == role_ids.get("tool_close", -2)) & gen_here & gen_next
+    jo = role_ids.get("json_open", -2)
+    prev2 = torch.full_like(ids, -1)
+    prev2[:, 2:] = ids[:, :-2]
+    in_call = ((prev == nl) & (prev2 == opn)) | (prev == opn)
+    out["json_body"] = (ids == jo) & in_call & gen_here & gen_next
+    return {k: torch.nonzero(v, as_tuple=True) for k, v in out.items()}
+
+
+@torch.no_grad()
+def position_stats(scores: torch.Tensor, ids: torch.Tensor, positions: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                   role_ids: dict[str, int], *, is_logp: bool, source: str,
+                   advantages: torch.Tensor | None = None) -> dict[str, float]:
+    """Mean next-token probability of every role at every position kind, entropy there, and gradient pressure.
+
+    `scores` is [N, T, V]: log-probs (`is_logp=True`, e.g. the loss's log_softmax) or raw logits. Only the
+    M decision rows are read. `advantages` [N] adds the advantage-weighted push adv * (1[k=sampled] - p_k) on
+    each role's logit, split into the part from samples that chose k and the part from those that did not.
+    """
+    roles = sorted(role_ids)
+    cols = torch.tensor([role_ids[r] for r in roles], dtype=torch.long, device=scores.device)
+    rec: dict[str, float] = {}
+    for kind, (r, c) in positions.items():
+        m = int(r.numel())
+        rec[f"cp/{source}/{kind}/count"] = float(m)
+        if m == 0:
+            continue
+        rows = scores[r, c].float()  # [M, V]: only decision rows, a small slice
+        logp_rows = rows if is_logp else rows - torch.logsumexp(rows, dim=-1, keepdim=True)
+        p = logp_rows.index_select(-1, cols).exp()  # [M, K]
+        ent = -(logp_rows.exp() * logp_rows).sum(-1)
+        rec[f"cp/{source}/{kind}/entropy"] = float(ent.mean())
+        for j, role in enumerate(roles):
+            rec[f"cp/{source}/{kind}/{role}"] = float(p[:, j].mean())
+        if advantages is not None:
+            sampled = ids[r, c + 1]
+            adv = advantages[r].float()[:, None]
+            chose = (sampled[:, None] == cols[None, :]).float()
+            push = adv * (chose - p)
+            for j, role in enumerate(roles):
+                rec[f"gp/{kind}/{role}/chosen"] = float((push[:, j] * chose[:, j]).sum() / m)
+                rec[f"gp/{kind}/{role}/other"] = float((push[:, j] * (1 - chose[:, j])).sum() / m)
+    return rec
+
+
+def safe_float(x: float) -> float:
+    return x if math.isfinite(x) else float("nan")

@@ -1,0 +1,175 @@
+"""Paper-quality spike timeline of one run (one-column figure, PDF + SVG + PNG).
+
+Panels share the step axis: (a) control-token probabilities at the decision positions on a log axis
+(rollout solid, probe dashed, turn start thin), (b) the format-state mix as a stacked area, (c) success and
+mean reward. Detected onsets from a `Verdict` are drawn as vertical lines in every panel, with the lead
+between the first warning and the reward drop annotated. Okabe-Ito colours (colour-blind safe).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+from collapse_probe.errors import UserError  # noqa: E402
+from collapse_probe.timeline import FORMAT_STATES, Timeline  # noqa: E402
+
+OKABE_ITO = {"orange": "#E69F00", "sky": "#56B4E9", "green": "#009E73", "yellow": "#F0E442",
+             "blue": "#0072B2", "vermillion": "#D55E00", "purple": "#CC79A7", "black": "#000000"}
+ROLE_COLOURS = {"end_of_turn": OKABE_ITO["vermillion"], "json_open": OKABE_ITO["green"],
+                "tool_open": OKABE_ITO["blue"], "tool_close": OKABE_ITO["orange"], "json_close": OKABE_ITO["sky"],
+                "eos": OKABE_ITO["purple"]}
+_SPARE = [OKABE_ITO[c] for c in ("yellow", "sky", "orange", "purple")]
+STATE_COLOURS = {"healthy_tool_call": OKABE_ITO["green"], "healthy_response": OKABE_ITO["sky"],
+                 "text_pollution": OKABE_ITO["orange"], "full_collapse": OKABE_ITO["vermillion"]}
+STATE_LABELS = {"healthy_tool_call": "healthy call", "healthy_response": "healthy reply",
+                "text_pollution": "text pollution", "full_collapse": "full collapse"}
+STYLE = {"font.size": 7, "axes.titlesize": 7, "axes.labelsize": 7, "xtick.labelsize": 7, "ytick.labelsize": 7,
+         "legend.fontsize": 7, "axes.linewidth": 0.6, "xtick.major.width": 0.6, "ytick.major.width": 0.6,
+         "xtick.major.size": 2.5, "ytick.major.size": 2.5, "ytick.minor.size": 1.5, "lines.linewidth": 1.1,
+         "axes.spines.top": False, "axes.spines.right": False, "legend.frameon": False,
+         "pdf.fonttype": 42, "svg.fonttype": "none", "font.family": "DejaVu Sans"}
+P_FLOOR = 1e-4
+
+
+def _role_colour(role: str, spare: dict) -> str:
+    if role in ROLE_COLOURS:
+        return ROLE_COLOURS[role]
+    return spare.setdefault(role, _SPARE[len(spare) % len(_SPARE)])
+
+
+def _probabilities(ax, tl: Timeline) -> tuple[list[Line2D], list[Line2D]]:
+    spare: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    drawn: set[str] = set()
+    lines = [("rollout", "after_open", "-", 1.1, 1.0), ("probe", "after_open", "--", 1.0, 0.9),
+             ("rollout", "turn_start", ":", 0.9, 0.8)]
+    for source, position, ls, lw, alpha in lines:
+        for role, s in tl.control_series(source, position).items():
+            s = s.dropna()
+            if s.empty or s.max() < P_FLOOR * 10:  # hugging the floor: clutter, not information
+                continue
+            colour = _role_colour(role, spare)
+            seen.setdefault(role, colour)
+            drawn.add(source if position == "after_open" else "turn")
+            ax.plot(s.index, s.clip(lower=P_FLOOR), ls=ls, lw=lw, color=colour, alpha=alpha)
+    ax.set_yscale("log")
+    ax.set_ylim(P_FLOOR, 1.3)
+    ax.set_ylabel("next-token prob.")
+    roles = [Line2D([], [], color=c, lw=1.3, label=r.replace("_", " ")) for r, c in seen.items()]
+    styles = [Line2D([], [], color="0.3", ls=ls, lw=lw, label=lab) for lab, ls, lw, key in
+              (("rollout", "-", 1.1, "rollout"), ("probe", "--", 1.0, "probe"), ("turn start", ":", 0.9, "turn"))
+              if key in drawn]
+    return roles, styles if len(styles) > 1 else []
+
+
+def _states(ax, tl: Timeline) -> None:
+    """Stacked area; bands thick enough are labelled in place, thin ones go to a small legend."""
+    mix = tl.state_mix().dropna(how="all").fillna(0.0)
+    if mix.empty:
+        ax.text(0.5, 0.5, "format states not logged", ha="center", va="center", transform=ax.transAxes,
+                color="0.4", zorder=5, bbox=dict(boxstyle="square,pad=0.2", fc="white", ec="none"))
+    else:
+        cols = [c for c in FORMAT_STATES if c in mix]
+        polys = ax.stackplot(mix.index, *[mix[c].to_numpy() for c in cols], colors=[STATE_COLOURS[c] for c in cols],
+                             alpha=0.85, linewidth=0)
+        tops = mix[cols].cumsum(axis=1)
+        thin = []
+        for c, poly in zip(cols, polys):
+            frac = mix[c].rolling(7, center=True, min_periods=1).mean()
+            if frac.max() < 0.25:
+                thin.append((poly, STATE_LABELS[c]))
+                continue
+            lo, hi = np.quantile(frac.index, [0.15, 0.85])  # keep the label inside the axes
+            x = frac[(frac.index >= lo) & (frac.index <= hi)].idxmax()
+            ax.text(x, tops.loc[x, c] - mix.loc[x, c] / 2, STATE_LABELS[c], ha="center", va="center",
+                    color="white", fontweight="bold", clip_on=True)
+        if thin:
+            ax.legend(*zip(*thin), loc="upper left", ncol=len(thin), handlelength=1.0, columnspacing=0.8,
+                      borderaxespad=0.1, bbox_to_anchor=(0.0, 1.2))
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("turn fraction")
+
+
+def _outcome(ax, tl: Timeline) -> None:
+    succ = tl.success()
+    ax.plot(succ.index, succ, color=OKABE_ITO["black"], label=str(succ.name))
+    reward = tl.series("reward/mean")
+    if tl.has("reward/mean") and succ.name != "reward/mean" and not np.allclose(
+            reward.fillna(0).to_numpy(), succ.fillna(0).to_numpy()):
+        ax.plot(reward.index, reward, color=OKABE_ITO["blue"], ls="--", lw=0.9, label="reward/mean")
+    lo = np.nanmin(np.r_[succ.to_numpy(), reward.to_numpy(), 0.0])
+    hi = np.nanmax(np.r_[succ.to_numpy(), reward.to_numpy(), 1.0])
+    ax.set_ylim(lo - 0.02 * (hi - lo), hi + 0.05 * (hi - lo))
+    ax.set_ylabel("outcome" if len(ax.get_lines()) > 1 else
+                  ("success" if succ.name == "success" else "mean reward"))
+    ax.set_xlabel("training step")
+    if len(ax.get_lines()) > 1:
+        ax.legend(loc="upper right", handlelength=1.5, borderaxespad=0.2)
+
+
+def _onsets(axes, verdict) -> None:
+    marks = [(verdict.spike_step, "spike", (0, (3, 1.5))), (verdict.breakage_step, "breakage", (0, (1, 1))),
+             (verdict.collapse_step, "collapse", "-")]
+    marks = [m for m in marks if m[0] is not None]
+    x0, x1 = axes[0].get_xlim()
+    level, prev = 0, None
+    for step, label, ls in marks:
+        for ax in axes:
+            ax.axvline(step, color="0.25", ls=ls, lw=0.8, zorder=3)
+        level = 1 - level if prev is not None and abs(step - prev) < 0.12 * (x1 - x0) else 0  # stagger close labels
+        prev = step
+        axes[0].annotate(label, (step, 1.0), xycoords=("data", "axes fraction"), xytext=(0, 2 + 7 * level),
+                         textcoords="offset points", ha="center", va="bottom", fontsize=7, annotation_clip=False)
+    warn = [s for s in (verdict.spike_step, verdict.breakage_step) if s is not None]
+    if warn and verdict.collapse_step is not None and verdict.lead_steps is not None:
+        ax, start = axes[-1], min(warn)
+        ax.annotate("", xy=(verdict.collapse_step, 0.35), xytext=(start, 0.35), xycoords=("data", "axes fraction"),
+                    arrowprops=dict(arrowstyle="<->", lw=0.7, color="0.2", shrinkA=0, shrinkB=0), zorder=4)
+        x0, x1 = ax.get_xlim()
+        left = (start - x0) > 0.25 * (x1 - x0)  # room for the text left of the arrow (success is high there)
+        ax.annotate(f"lead {verdict.lead_steps} steps", (start if left else (start + verdict.collapse_step) / 2,
+                    0.35), xycoords=("data", "axes fraction"), xytext=(-3, 0) if left else (0, -2),
+                    textcoords="offset points", ha="right" if left else "center", va="center" if left else "top",
+                    fontsize=7, zorder=5, bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.85))
+
+
+def plot_timeline(tl: Timeline, verdict=None, out_stem: Path | str = "timeline", *,
+                  title: str | None = None) -> list[Path]:
+    """Write `out_stem`.pdf, .svg and .png (200 dpi); returns the three paths."""
+    if len(tl) == 0:
+        raise UserError("nothing to plot: the run has no logged steps")
+    out_stem = Path(out_stem)
+    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(3, 1, figsize=(3.4, 4.2), sharex=True, height_ratios=[1.35, 1, 0.9])
+        roles, styles = _probabilities(axes[0], tl)
+        _states(axes[1], tl)
+        _outcome(axes[2], tl)
+        steps = tl.steps
+        axes[-1].set_xlim(steps.min(), steps.max() if steps.max() > steps.min() else steps.min() + 1)
+        if verdict is not None:
+            _onsets(axes, verdict)
+        for ax, letter in zip(axes, "abc"):
+            ax.text(-0.22, 1.03, f"({letter})", transform=ax.transAxes, fontweight="bold", va="bottom")
+        y = 0.955 if title else 1.0
+        kw = dict(loc="upper center", handlelength=1.6, columnspacing=1.0, borderaxespad=0.1)
+        for row in (roles, styles):
+            if row:
+                fig.legend(handles=row, ncol=min(len(row), 4), bbox_to_anchor=(0.55, y), **kw)
+                y -= 0.04 * -(-len(row) // 4)
+        if title:
+            fig.suptitle(title, y=0.995, fontsize=8)
+        fig.subplots_adjust(left=0.19, right=0.97, bottom=0.09, top=y - 0.065, hspace=0.36)
+        fig.align_ylabels(axes)
+        paths = [out_stem.parent / f"{out_stem.name}{ext}" for ext in (".pdf", ".svg", ".png")]
+        for p in paths:
+            fig.savefig(p, dpi=200)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,239 @@
+"""Resolve named control-token roles (tool_open, end_of_turn, json_open, ...) to single token ids.
+
+Collapse shows up as probability shifts of single control tokens, so a role is only useful when it maps
+to exactly one id. Auto-detection never guesses: a role whose string is absent or splits into several
+tokens is reported in `unresolved` with the reason, and the user can supply `--token role=string`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from collapse_probe.errors import UserError
+
+if TYPE_CHECKING:  # transformers is slow to import; only needed for annotations
+    from transformers import PreTrainedTokenizerBase
+
+# Canonical role order; role_of() returns the first matching role in this order.
+ROLES: tuple[str, ...] = (
+    "tool_open", "tool_close", "end_of_turn", "end_of_message", "eos", "turn_start",
+    "tool_response_open", "tool_response_close", "json_open", "json_close", "newline",
+)
+# Candidate strings per tag role, most specific first (Qwen/Hermes, Llama-3.1, Mistral, Gemma, Phi-3).
+CANDIDATES: dict[str, tuple[str, ...]] = {
+    "tool_open": ("<tool_call>", "<|python_tag|>", "[TOOL_CALLS]"),
+    "tool_close": ("</tool_call>",),
+    "end_of_turn": ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>"),
+    "end_of_message": ("<|eom_id|>",),
+    "turn_start": ("<|im_start|>", "<|start_header_id|>", "[INST]", "<start_of_turn>"),
+    "tool_response_open": ("<tool_response>", "[TOOL_RESULTS]"),
+    "tool_response_close": ("</tool_response>", "[/TOOL_RESULTS]"),
+}
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ESCAPES = {"\\n": "\n", "\\t": "\t", "\\r": "\r", "\\\\": "\\"}
+
+
+@dataclass
+class ControlTokens:
+    """Role -> single token id, with the string, where it came from, and why other roles did not resolve."""
+
+    ids: dict[str, int] = field(default_factory=dict)
+    strings: dict[str, str] = field(default_factory=dict)
+    unresolved: dict[str, str] = field(default_factory=dict)
+    source: dict[str, str] = field(default_factory=dict)  # "auto" | "override" | "chat_template"
+
+    def __contains__(self, role: object) -> bool:
+        return role in self.ids
+
+    def role_of(self, token_id: int) -> str | None:
+        """First role (canonical order, then custom roles) whose id is token_id; roles may share an id."""
+        order = [r for r in ROLES if r in self.ids] + [r for r in self.ids if r not in ROLES]
+        return next((r for r in order if self.ids[r] == token_id), None)
+
+    def report(self) -> str:
+        """Readable table: resolved roles with id, string and source, then unresolved roles with reasons."""
+        order = list(ROLES) + [r for r in {**self.ids, **self.unresolved} if r not in ROLES]
+        lines = [f"{'role':<20} {'id':>8}  {'string':<22} source"]
+        for r in order:
+            if r in self.ids:
+                lines.append(f"{r:<20} {self.ids[r]:>8}  {self.strings[r]!r:<22} {self.source.get(r, '')}")
+        missing = [r for r in order if r in self.unresolved]
+        if missing:
+            lines.append("unresolved:")
+            lines += [f"  {r:<20} {self.unresolved[r]}" for r in missing]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ids": dict(self.ids), "strings": dict(self.strings),
+                "unresolved": dict(self.unresolved), "source": dict(self.source)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ControlTokens":
+        return cls(ids={k: int(v) for k, v in d.get("ids", {}).items()}, strings=dict(d.get("strings", {})),
+                   unresolved=dict(d.get("unresolved", {})), source=dict(d.get("source", {})))
+
+
+def _encode(tokenizer: Any, s: str) -> list[int]:
+    return list(tokenizer.encode(s, add_special_tokens=False))
+
+
+def _pieces(tokenizer: Any, s: str) -> list[int]:
+    """Ids s becomes in the middle of text. SentencePiece-style tokenizers prepend a word marker to the
+    start of a string ('{' -> '▁{'), which is not the token a model emits after a tag or newline, so
+    encode after a neutral prefix and keep the tail, when the prefix's own tokens stay unchanged."""
+    for prefix in ("\n", "x"):
+        pre, full = _encode(tokenizer, prefix), _encode(tokenizer, prefix + s)
+        if pre and full[: len(pre)] == pre and len(full) > len(pre):
+            return full[len(pre):]
+    return _encode(tokenizer, s)
+
+
+def _added(tokenizer: Any) -> dict[str, int]:
+    try:
+        return dict(tokenizer.get_added_vocab())
+    except Exception:  # slow or exotic tokenizers may not implement it
+        return {}
+
+
+def single_token_id(tokenizer: PreTrainedTokenizerBase, s: str) -> int | None:
+    """The one id that s is (added/special token, or a single ordinary vocab piece), else None."""
+    if not s:
+        return None
+    added = _added(tokenizer)
+    if s in added:
+        return int(added[s])
+    ids = _pieces(tokenizer, s)
+    return int(ids[0]) if len(ids) == 1 else None
+
+
+def _describe(tokenizer: Any, s: str) -> str:
+    ids = _pieces(tokenizer, s)
+    shown = ", ".join(repr(tokenizer.decode([i])) for i in ids)
+    return f"{s!r} splits into {len(ids)} tokens {ids} ({shown})"
+
+
+def parse_token_overrides(items: list[str]) -> dict[str, str]:
+    """Parse CLI `role=string` items. `\\n`, `\\t`, `\\r`, `\\\\` in the string are unescaped so a newline
+    can be given on a command line. Custom role names are allowed if they are identifiers."""
+    out: dict[str, str] = {}
+    for item in items:
+        role, sep, raw = item.partition("=")
+        role = role.strip()
+        if not sep:
+            raise UserError(f"--token {item!r}: expected ROLE=STRING, e.g. end_of_turn=<|im_end|>")
+        if not _IDENT.match(role):
+            raise UserError(f"--token {item!r}: role name {role!r} is not an identifier; known roles: {', '.join(ROLES)}")
+        value = re.sub(r"\\[ntr\\]", lambda m: _ESCAPES[m.group(0)], raw)
+        if not value:
+            raise UserError(f"--token {item!r}: the string for role {role!r} is empty")
+        if role in out:
+            raise UserError(f"--token: role {role!r} given twice")
+        out[role] = value
+    return out
+
+
+def _template_text(tokenizer: Any, chat_template: str | None) -> str:
+    t = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
+    if isinstance(t, dict):  # several named templates: search them all
+        return "\n".join(str(v) for v in t.values())
+    if isinstance(t, list):
+        return "\n".join(str(x.get("template", "")) for x in t if isinstance(x, dict))
+    return t or ""
+
+
+def _resolve_tag(tokenizer: Any, role: str, template: str, added: dict[str, int]) -> tuple[str, int, str] | str:
+    """(string, id, source) for a tag role, or the reason it did not resolve. A candidate counts if the
+    chat template uses it and it is one token, or if it is an added/special token (an ordinary vocab
+    piece that merely happens to spell '[INST]' is text, not a control token)."""
+    cands = CANDIDATES[role]
+    in_tpl = [c for c in cands if template and c in template]
+    for c in in_tpl:
+        tid = single_token_id(tokenizer, c)
+        if tid is not None:
+            return c, tid, "chat_template"
+    for c in cands:
+        if c in added:
+            return c, int(added[c]), "auto"
+    first = (in_tpl or list(cands))[0]
+    where = " (used by the chat template)" if in_tpl else ""
+    if single_token_id(tokenizer, first) is not None:
+        return f"{first!r}{where} is an ordinary vocabulary piece, not an added control token"
+    return f"{_describe(tokenizer, first)}{where}: not a single control token"
+
+
+def _json_roles(tokenizer: Any, ct: ControlTokens) -> None:
+    """json_open/json_close as the tokenizer actually splits a tool call in its own format (Qwen:
+    '<tool_call>\\n{"name": ...}}\\n</tool_call>'), found through character offsets."""
+    body = '{"name": "f", "arguments": {"a": 1}}'
+    prefix = ct.strings.get("tool_open", "") + ("\n" if "tool_close" in ct.ids else "")
+    suffix = "\n" + ct.strings["tool_close"] if "tool_close" in ct.ids else ct.strings.get("end_of_turn", "")
+    start, last = len(prefix), len(prefix) + len(body) - 1
+    found: dict[str, int] = {}
+    try:
+        enc = tokenizer(prefix + body + suffix, add_special_tokens=False, return_offsets_mapping=True)
+        for tid, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+            if a <= start < b and "json_open" not in found:
+                found["json_open"] = int(tid)
+            if a <= last < b:
+                found["json_close"] = int(tid)
+    except Exception:  # slow tokenizers have no offsets: fall back to the bare strings below
+        pass
+    ok = {"json_open": lambda t: t in ('{"', "{"), "json_close": lambda t: t.startswith("}") and not t.strip("}\n ")}
+    bare = {"json_open": ('{"', "{"), "json_close": ("}",)}
+    for role in ("json_open", "json_close"):
+        if role in ct.ids:  # overridden
+            continue
+        text = tokenizer.decode([found[role]]) if role in found else None
+        if text is not None and ok[role](text.strip(" ")):
+            ct.ids[role], ct.strings[role], ct.source[role] = found[role], text.strip(" "), "auto"
+            continue
+        for s in bare[role]:  # e.g. the body's brace merged with a neighbour: use the lone brace
+            if (tid := single_token_id(tokenizer, s)) is not None:
+                ct.ids[role], ct.strings[role], ct.source[role] = tid, s, "auto"
+                break
+        else:
+            ct.unresolved[role] = f"none of {list(bare[role])} is a single token in this vocabulary"
+
+
+def resolve_control_tokens(tokenizer: PreTrainedTokenizerBase, overrides: dict[str, str] | None = None, *,
+                           chat_template: str | None = None) -> ControlTokens:
+    """Resolve all roles for an HF tokenizer; `overrides` (role -> string) win and must be single tokens.
+    `chat_template` replaces tokenizer.chat_template when given."""
+    ct, added = ControlTokens(), _added(tokenizer)
+    # Overrides first: a user's tool_open/tool_close also shape the context json_open/json_close are read in.
+    for role, s in (overrides or {}).items():
+        tid = single_token_id(tokenizer, s)
+        if tid is None:
+            raise UserError(f"--token {role}={s!r}: {_describe(tokenizer, s)}; a role needs exactly one token")
+        ct.ids[role], ct.strings[role], ct.source[role] = tid, s, "override"
+    template = _template_text(tokenizer, chat_template)
+    for role in (r for r in CANDIDATES if r not in ct.ids):
+        got = _resolve_tag(tokenizer, role, template, added)
+        if isinstance(got, str):
+            ct.unresolved[role] = got
+        else:
+            ct.strings[role], ct.ids[role], ct.source[role] = got
+    # Formats without a closing tag or tool-result tags: say why instead of only "splits into N tokens".
+    if ct.strings.get("tool_open") in ("<|python_tag|>", "[TOOL_CALLS]") and "tool_close" in ct.unresolved:
+        ct.unresolved["tool_close"] = (f"no closing tag in this format (tool_open is {ct.strings['tool_open']!r}); "
+                                       "the call ends at end_of_message/end_of_turn")
+    if ct.strings.get("turn_start") == "<|start_header_id|>" or "ipython" in template:
+        for role in ("tool_response_open", "tool_response_close"):
+            if role in ct.unresolved:
+                ct.unresolved[role] = "Llama-3 returns tool results in an 'ipython' role header, not a tag"
+    if "end_of_message" in ct.unresolved:
+        ct.unresolved["end_of_message"] = "optional role (Llama-3.1 only): " + ct.unresolved["end_of_message"]
+    eos = getattr(tokenizer, "eos_token", None)
+    if "eos" not in ct.ids:
+        if eos and (eos_id := single_token_id(tokenizer, eos)) is not None:
+            ct.ids["eos"], ct.strings["eos"], ct.source["eos"] = eos_id, eos, "auto"
+        else:
+            ct.unresolved["eos"] = _describe(tokenizer, eos) if eos else "tokenizer has no eos_token"
+    if "newline" not in ct.ids:
+        if (nl := single_token_id(tokenizer, "\n")) is not None:
+            ct.ids["newline"], ct.strings["newline"], ct.source["newline"] = nl, "\n", "auto"
+        else:
+            ct.unresolved["newline"] = f"{_describe(tokenizer, chr(10))}: no single newline token"
+    _json_roles(tokenizer, ct)
+    return ct

@@ -1,0 +1,79 @@
+"""Supervised fine-tuning on oracle trajectories: assistant tokens only in the loss.
+
+Sequences are built with the same segment functions the rollout uses, so SFT and RL see identical tokens.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from collapse_probe.train import world
+from collapse_probe.train.rollout import observation_text, prompt_text
+
+
+def encode_trajectory(tokenizer, task: world.Task, *, empty_call_retries: int = 0,
+                      retry_at: int = 0, system: str | None = None) -> tuple[list[int], list[int]]:
+    """(ids, loss_mask) for the oracle solution of `task`; loss_mask marks assistant tokens."""
+    eos = tokenizer.convert_tokens_to_ids(world.IM_END)
+    ids = tokenizer.encode(prompt_text(task, system), add_special_tokens=False)
+    mask = [0] * len(ids)
+    turns = world.oracle_turns(task)
+    if empty_call_retries:  # "bare open tag -> tool error -> retry" inserted before call `retry_at`
+        retry = world.oracle_turns(task, empty_call_retries=empty_call_retries)[:empty_call_retries]
+        turns = turns[:retry_at] + retry + turns[retry_at:]
+    for turn, obs in turns:
+        seg = tokenizer.encode(turn, add_special_tokens=False) + [eos]
+        ids += seg
+        mask += [1] * len(seg)
+        if obs is not None:
+            seg = tokenizer.encode(observation_text(obs), add_special_tokens=False)
+            ids += seg
+            mask += [0] * len(seg)
+    return ids, mask
+
+
+def oracle_batch(tokenizer, tasks: list[world.Task], *, retry_frac: float = 0.0,
+                 rng: random.Random | None = None) -> tuple[list[list[int]], list[list[int]]]:
+    """Encode oracle trajectories; a fraction `retry_frac` of them hold one empty-call retry."""
+    rng = rng or random.Random(0)
+    seqs, masks = [], []
+    for task in tasks:
+        retries = 1 if rng.random() < retry_frac else 0
+        at = rng.randrange(len(task.chain)) if retries else 0
+        ids, mask = encode_trajectory(tokenizer, task, empty_call_retries=retries, retry_at=at)
+        seqs.append(ids)
+        masks.append(mask)
+    return seqs, masks
+
+
+def collate(seqs: list[list[int]], masks: list[list[int]], pad_id: int, *,
+            extra: list[list[float]] | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad into tensors: input_ids, attention_mask, loss_mask (and `extra` as float tensor)."""
+    width = max(len(s) for s in seqs)
+    n = len(seqs)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, width), dtype=torch.long)
+    loss_mask = torch.zeros((n, width), dtype=torch.long)
+    extra_t = torch.zeros((n, width)) if extra is not None else None
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        ids[i, :len(s)] = torch.tensor(s)
+        attn[i, :len(s)] = 1
+        loss_mask[i, :len(m)] = torch.tensor(m)
+        if extra_t is not None:
+            extra_t[i, :len(s)] = torch.tensor(extra[i])
+    out = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask}
+    if extra_t is not None:
+        out["extra"] = extra_t
+    return out
+
+
+def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over assistant tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    target = batch["input_ids"][:, 1:]
+    mask = batch["loss_mask"][:, 1:].float()
+    nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                            reduction="none").view_as(mask)
+    return (nll * mask).sum() / mask.sum().clamp(min=1)

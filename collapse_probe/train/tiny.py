@@ -1,0 +1,114 @@
+"""The embedded tiny model: a locally built tokenizer with Qwen2.5's control tokens and a small Qwen2 model.
+
+Both are saved and loaded with `save_pretrained`/`from_pretrained` (safetensors), so every code path that
+works on them works on a hub model. Nothing is downloaded.
+
+The tokenizer is a byte-free BPE over printable ASCII (any ASCII text encodes, frequent words are one token),
+with a pre-tokenizer that makes JSON structure explicit: `{"` is one token, as in Qwen's vocabulary, so the
+paper's measurement "p(`{"`) right after `<tool_call>\\n`" has the same meaning here.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from collapse_probe.errors import UserError
+from collapse_probe.train import world
+
+# Pieces the BPE may merge within, never across: JSON punctuation runs, words, single digits, single spaces.
+_PIECES = r'\{"|": "|", "|": |"\}| ?[A-Za-z_]+|\d|\s|[^\sA-Za-z_\d]'
+
+CHAT_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\n<tools>' }}{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
+    "{{- '\\n</tools><|im_end|>\\n' }}"
+    "{%- elif messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or (message.role == 'assistant' and not message.tool_calls) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'assistant' %}{{- '<|im_start|>assistant' }}"
+    "{%- for tc in message.tool_calls %}{%- set f = tc.function if tc.function else tc %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' + f.name + '\", \"arguments\": ' + (f.arguments | tojson) + '}\\n</tool_call>' }}"
+    "{%- endfor %}{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if loop.index0 == 0 or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def default_corpus(n_tasks: int = 400) -> list[str]:
+    """Text the BPE learns its merges from: prompts and oracle trajectories of the tool world."""
+    texts = [world.system_prompt()] * 8  # weight it so its words become single tokens
+    for task in world.task_split("train", n_tasks, offset=5_000_000):
+        texts.append(task.question)
+        for turn, obs in world.oracle_turns(task):
+            texts.append(turn)
+            if obs:
+                texts.append(obs)
+    return texts
+
+
+def build_tokenizer(corpus: list[str] | None = None, vocab_size: int = 640) -> PreTrainedTokenizerFast:
+    """Train the BPE (deterministic) and wrap it as a transformers fast tokenizer with a chat template."""
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(_PIECES), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    alphabet = sorted(set(string.printable) - set("\x0b\x0c\r\t"))
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=world.SPECIAL_TOKENS,
+                                  initial_alphabet=alphabet, show_progress=False, min_frequency=2)
+    tok.train_from_iterator(corpus or default_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=world.IM_END, pad_token=world.ENDOFTEXT,
+                                   additional_special_tokens=world.SPECIAL_TOKENS[1:])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "left"
+    return fast
+
+
+SIZES = {  # name: (hidden, layers, heads)
+    "tiny": (128, 2, 4),
+    "small": (128, 4, 4),
+    "base": (256, 4, 8),
+}
+
+
+def build_model(tokenizer: PreTrainedTokenizerFast, size: str = "small", seed: int = 0) -> Qwen2ForCausalLM:
+    """A randomly initialised Qwen2-architecture causal LM sized for a CPU."""
+    hidden, layers, heads = SIZES[size]
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=1024, tie_word_embeddings=True, rope_theta=10000.0,
+                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config)
+
+
+def load_pretrained(path: str | Path, *, trust_remote_code: bool = False):
+    """Load (model, tokenizer) from a local directory or hub name, safetensors only."""
+    path = str(path)
+    p = Path(path)
+    if p.exists() and not (p / "config.json").exists():
+        raise UserError(f"{path}: no config.json here; pass a directory written by save_pretrained "
+                        "(e.g. a run's checkpoint-N/)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=trust_remote_code,
+                                                     dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: could not load a model and tokenizer ({first}); pass a directory with "
+                        "config.json, model.safetensors and tokenizer files") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model, tokenizer

@@ -1,0 +1,242 @@
+"""The embedded tool world: a seeded, multi-step tool-use environment with a verifiable reward.
+
+Each episode draws a fresh little database (people, user ids, friends, cities, temperatures), so the model
+cannot memorise answers: it has to call tools in sequence and copy what it observes into the next call.
+
+Tasks need 2-4 calls where later arguments come from earlier observations, then a final answer turn:
+
+    "Which city does alice live in?"                      find_user -> get_city                     (2 calls)
+    "What is the temperature where alice lives?"          find_user -> get_city -> get_weather      (3 calls)
+    "Which city does alice's friend live in?"             find_user -> get_friend -> get_city       (3 calls)
+    "What is the temperature where alice's friend lives?" find_user -> get_friend -> get_city -> get_weather
+
+Conversations follow ChatML with the Qwen/Hermes tool convention: tools listed in the system prompt, calls as
+`<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, results in a user turn as `<tool_response>`.
+Calls are parsed with `json` only. A malformed call, an unknown tool or a bad argument yields an error
+observation (the episode goes on); running out of turns ends it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+NAMES = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy", "ken", "laura",
+         "mike", "nina", "oscar", "peggy", "quinn", "rita", "sam", "tina", "uma", "victor", "wendy", "yara"]
+CITIES = ["oslo", "paris", "lima", "cairo", "tokyo", "rome", "delhi", "quito", "perth", "dakar", "hanoi",
+          "seoul", "bern", "riga", "accra", "lagos"]
+
+TOOLS = [
+    {"name": "find_user", "description": "Find a user id by name.",
+     "parameters": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}},
+    {"name": "get_friend", "description": "Get the user id of a user's best friend.",
+     "parameters": {"type": "object", "properties": {"user_id": {"type": "string"}}, "required": ["user_id"]}},
+    {"name": "get_city", "description": "Get the city a user lives in.",
+     "parameters": {"type": "object", "properties": {"user_id": {"type": "string"}}, "required": ["user_id"]}},
+    {"name": "get_weather", "description": "Get the temperature of a city in celsius.",
+     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+]
+TOOL_NAMES = frozenset(t["name"] for t in TOOLS)
+
+# (question template, tool chain); the answer is the last observation's value.
+TASK_KINDS = {
+    "city": ("Which city does {name} live in?", ["find_user", "get_city"]),
+    "weather": ("What is the temperature where {name} lives?", ["find_user", "get_city", "get_weather"]),
+    "friend_city": ("Which city does {name}'s friend live in?", ["find_user", "get_friend", "get_city"]),
+    "friend_weather": ("What is the temperature where {name}'s friend lives?",
+                       ["find_user", "get_friend", "get_city", "get_weather"]),
+}
+
+TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+RESP_OPEN, RESP_CLOSE = "<tool_response>", "</tool_response>"
+IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, TOOL_OPEN, TOOL_CLOSE, RESP_OPEN, RESP_CLOSE]
+
+
+def system_prompt(tools: list[dict] = TOOLS) -> str:
+    """Qwen2.5-style tool system prompt, kept short for CPU training: one compact JSON schema per tool."""
+    lines = "\n".join(json.dumps({"name": t["name"], "description": t["description"],
+                                   "parameters": {k: v["type"] for k, v in t["parameters"]["properties"].items()}})
+                       for t in tools)
+    return ("# Tools\n<tools>\n" + lines + "\n</tools>\nFor each function call, return a json object within "
+            "<tool_call></tool_call> tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+            "<args-json-object>}\n</tool_call>")
+
+
+def render_call(name: str, arguments: dict) -> str:
+    """The canonical (Hermes) rendering of one tool call, as the oracle writes it."""
+    return f"{TOOL_OPEN}\n" + json.dumps({"name": name, "arguments": arguments}) + f"\n{TOOL_CLOSE}"
+
+
+def render_answer(answer: str) -> str:
+    return f"The answer is {answer}."
+
+
+@dataclass
+class Task:
+    """One episode's world state and question. Everything is derived from `seed`."""
+
+    seed: int
+    kind: str
+    question: str
+    chain: list[str]
+    subject: str
+    users: dict[str, str]  # name -> user id
+    friend: dict[str, str]  # user id -> friend's user id
+    city: dict[str, str]  # user id -> city
+    temp: dict[str, int]  # city -> temperature
+
+    def execute(self, name: str, arguments: dict) -> dict:
+        """Run one tool. Errors are observations, never exceptions."""
+        if name not in TOOL_NAMES:
+            return {"error": f"unknown tool {name!r}"}
+        arg = {"find_user": "name", "get_weather": "city"}.get(name, "user_id")
+        value = arguments.get(arg)
+        if not isinstance(value, str) or set(arguments) != {arg}:
+            return {"error": f"{name} takes one string argument {arg!r}"}
+        table = {"find_user": (self.users, "user_id"), "get_friend": (self.friend, "friend_id"),
+                 "get_city": (self.city, "city"), "get_weather": (self.temp, "temp_c")}[name]
+        if value not in table[0]:
+            return {"error": f"no result for {arg} {value!r}"}
+        return {table[1]: table[0][value]}
+
+    def oracle_calls(self) -> list[tuple[str, dict, dict]]:
+        """(tool, arguments, observation) for the expert solution."""
+        out, value = [], self.subject
+        for name in self.chain:
+            arg = {"find_user": "name", "get_weather": "city"}.get(name, "user_id")
+            obs = self.execute(name, {arg: value})
+            out.append((name, {arg: value}, obs))
+            value = next(iter(obs.values()))
+        return out
+
+    @property
+    def answer(self) -> str:
+        return str(next(iter(self.oracle_calls()[-1][2].values())))
+
+
+def make_task(seed: int, kind: str | None = None) -> Task:
+    rng = random.Random(seed)
+    kind = kind or rng.choice(sorted(TASK_KINDS))
+    template, chain = TASK_KINDS[kind]
+    people = rng.sample(NAMES, 5)
+    ids = rng.sample(range(10, 100), len(people))
+    users = {n: f"u{i}" for n, i in zip(people, ids)}
+    uids = list(users.values())
+    friend = {u: rng.choice([v for v in uids if v != u]) for u in uids}
+    city = {u: rng.choice(CITIES) for u in uids}
+    temp = {c: rng.randrange(0, 40) for c in set(city.values())}
+    subject = people[0]
+    return Task(seed, kind, template.format(name=subject), chain, subject, users, friend, city, temp)
+
+
+def task_split(split: str, n: int, offset: int = 0) -> list[Task]:
+    """Disjoint seed ranges: train tasks never appear in eval."""
+    base = {"train": 0, "eval": 10_000_000, "probe": 20_000_000}[split]
+    return [make_task(base + offset + i) for i in range(n)]
+
+
+# ---------------------------------------------------------------- parsing and stepping one assistant turn
+
+_CALL_RE = re.compile(re.escape(TOOL_OPEN) + r"(.*?)" + re.escape(TOOL_CLOSE), re.S)
+
+
+def parse_calls(text: str) -> tuple[list[dict], str | None]:
+    """Parse Hermes tool calls from one assistant turn with `json` only. Returns (calls, error)."""
+    if TOOL_OPEN not in text:
+        return [], None
+    bodies = _CALL_RE.findall(text)
+    if not bodies:
+        return [], "tool call is not closed" if text.strip() != TOOL_OPEN else "empty tool call"
+    calls = []
+    for body in bodies:
+        if not body.strip():
+            return [], "empty tool call"
+        try:
+            obj = json.loads(body)
+        except json.JSONDecodeError:
+            return [], "tool call is not valid JSON"
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not isinstance(obj.get("arguments"), dict):
+            return [], "tool call needs a string 'name' and an object 'arguments'"
+        calls.append(obj)
+    return calls, None
+
+
+@dataclass
+class Episode:
+    """Environment state of one conversation. `step(text)` consumes one assistant turn."""
+
+    task: Task
+    max_turns: int = 8
+    turns: list[str] = field(default_factory=list)
+    done: bool = False
+    final_answer: str | None = None
+    n_calls: int = 0
+    n_tags: int = 0
+    n_errors: int = 0
+    parse: Callable[[str], tuple[list[dict], str | None]] = parse_calls  # swap for other call syntaxes
+
+    def step(self, text: str) -> str | None:
+        """Apply one assistant turn (special tokens removed except tool tags). Returns the observation text
+        for the next user turn, or None when the episode is over."""
+        self.turns.append(text)
+        self.n_tags += text.count(TOOL_OPEN)
+        calls, error = self.parse(text)
+        if error is None and not calls:  # a plain response ends the episode
+            self.done, self.final_answer = True, text
+            return None
+        if error is not None:
+            self.n_errors += 1
+            results = [{"error": error}]
+        else:
+            self.n_calls += len(calls)
+            results = [self.task.execute(c["name"], c["arguments"]) for c in calls]
+            self.n_errors += sum("error" in r for r in results)
+        if len(self.turns) >= self.max_turns:
+            self.done = True
+            return None
+        return "\n".join(f"{RESP_OPEN}\n{json.dumps(r)}\n{RESP_CLOSE}" for r in results)
+
+    @property
+    def success(self) -> bool:
+        if self.final_answer is None:
+            return False
+        words = re.findall(r"[A-Za-z0-9_]+", self.final_answer)
+        return self.task.answer in words
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """Outcome reward plus an optional per-tag format bonus.
+
+    `tag_bonus > 0` pays for every `<tool_call>` tag the policy emits, whether or not a call follows: a
+    format reward of the kind used in practice, and the lever that lets GRPO find the bare-tag shortcut.
+    """
+
+    correct: float = 1.0
+    wrong: float = 0.0  # a final answer that is wrong
+    no_answer: float = 0.0  # ran out of turns
+    tag_bonus: float = 0.0
+    max_bonus_tags: int = 8
+
+    def __call__(self, ep: Episode) -> float:
+        base = self.no_answer if ep.final_answer is None else (self.correct if ep.success else self.wrong)
+        return base + self.tag_bonus * min(ep.n_tags, self.max_bonus_tags)
+
+
+def oracle_turns(task: Task, *, empty_call_retries: int = 0) -> list[tuple[str, str | None]]:
+    """Expert trajectory as (assistant turn, observation) pairs.
+
+    `empty_call_retries` inserts that many "bare open tag -> tool error -> retry" turns before the first call,
+    the kind of trace real agent SFT data holds and which keeps p(end of turn | open tag) small but non-zero.
+    """
+    turns: list[tuple[str, str | None]] = []
+    for _ in range(empty_call_retries):
+        turns.append((f"{TOOL_OPEN}\n", f"{RESP_OPEN}\n" + json.dumps({"error": "empty tool call"}) + f"\n{RESP_CLOSE}"))
+    for name, args, obs in task.oracle_calls():
+        turns.append((render_call(name, args), f"{RESP_OPEN}\n{json.dumps(obs)}\n{RESP_CLOSE}"))
+    turns.append((render_answer(task.answer), None))
+    return turns
