@@ -1,0 +1,1 @@
+def __getattr__(name): return __import__("collapse_probe.capture.callback", fromlist=["_"]).CollapseProbeCallback if name == "CollapseProbeCallback" else (_ for _ in ()).throw(AttributeError(f"module 'collapse_probe' has no attribute {name!r}"))  # lazy: no transformers import

@@ -3,25 +3,23 @@
 Both are saved and loaded with `save_pretrained`/`from_pretrained` (safetensors), so every code path that
 works on them works on a hub model. Nothing is downloaded.
 
-The tokenizer is a byte-free BPE over printable ASCII (any ASCII text encodes, frequent words are one token),
-with a pre-tokenizer that makes JSON structure explicit: `{"` is one token, as in Qwen's vocabulary, so the
-paper's measurement "p(`{"`) right after `<tool_call>\\n`" has the same meaning here.
+The tokenizer is a small byte-level BPE trained with Qwen2's own pre-tokenizer, so any text encodes and JSON
+punctuation splits as in Qwen's vocabulary (`{"` is one token): the paper's measurement "p(`{"`) right after
+`<tool_call>\\n`" has the same meaning here.
 """
 
 from __future__ import annotations
 
-import string
+import json
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
 from collapse_probe.errors import UserError
 from collapse_probe.train import world
-
-# Pieces the BPE may merge within, never across: JSON punctuation runs, words, single digits, single spaces.
-_PIECES = r'\{"|": "|", "|": |"\}| ?[A-Za-z_]+|\d|\s|[^\sA-Za-z_\d]'
 
 CHAT_TEMPLATE = (
     "{%- if tools %}{{- '<|im_start|>system\\n' }}"
@@ -47,28 +45,37 @@ CHAT_TEMPLATE = (
 
 
 def default_corpus(n_tasks: int = 400) -> list[str]:
-    """Text the BPE learns its merges from: prompts and oracle trajectories of the tool world."""
-    texts = [world.system_prompt()] * 8  # weight it so its words become single tokens
+    """Text the BPE learns its merges from: whole oracle conversations of the tool world."""
+    from collapse_probe.train.rollout import observation_text, prompt_text
+
+    texts = []
     for task in world.task_split("train", n_tasks, offset=5_000_000):
-        texts.append(task.question)
+        parts = [prompt_text(task)]
         for turn, obs in world.oracle_turns(task):
-            texts.append(turn)
+            parts.append(turn + world.IM_END)
             if obs:
-                texts.append(obs)
+                parts.append(observation_text(obs))
+        texts.append("".join(parts))
     return texts
 
 
-def build_tokenizer(corpus: list[str] | None = None, vocab_size: int = 640) -> PreTrainedTokenizerFast:
-    """Train the BPE (deterministic) and wrap it as a transformers fast tokenizer with a chat template."""
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(_PIECES), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    alphabet = sorted(set(string.printable) - set("\x0b\x0c\r\t"))
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=world.SPECIAL_TOKENS,
-                                  initial_alphabet=alphabet, show_progress=False, min_frequency=2)
+def build_tokenizer(corpus: list[str] | None = None, vocab_size: int = 1024) -> Qwen2Tokenizer:
+    """Train a byte-level BPE exactly the way Qwen2's tokenizer splits text (same pre-tokenizer regex, byte
+    alphabet, NFC), then wrap it as a `Qwen2Tokenizer`: `AutoTokenizer` reloads it faithfully, and `{"`,
+    `\\n`, `}}` split as they do in the real Qwen vocabulary. Deterministic."""
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[world.ENDOFTEXT], min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus or default_corpus(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=world.IM_END, pad_token=world.ENDOFTEXT,
-                                   additional_special_tokens=world.SPECIAL_TOKENS[1:])
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    fast = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, unk_token=None, eos_token=world.IM_END,
+                          pad_token=world.ENDOFTEXT, additional_special_tokens=world.SPECIAL_TOKENS[1:])
     fast.chat_template = CHAT_TEMPLATE
     fast.padding_side = "left"
     return fast
@@ -81,7 +88,7 @@ SIZES = {  # name: (hidden, layers, heads)
 }
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, size: str = "small", seed: int = 0) -> Qwen2ForCausalLM:
+def build_model(tokenizer: PreTrainedTokenizerBase, size: str = "small", seed: int = 0) -> Qwen2ForCausalLM:
     """A randomly initialised Qwen2-architecture causal LM sized for a CPU."""
     hidden, layers, heads = SIZES[size]
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,

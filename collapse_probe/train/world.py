@@ -57,13 +57,12 @@ SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, TOOL_OPEN, TOOL_CLOSE, RESP_OPEN,
 
 
 def system_prompt(tools: list[dict] = TOOLS) -> str:
-    """Qwen2.5-style tool system prompt, kept short for CPU training: one compact JSON schema per tool."""
-    lines = "\n".join(json.dumps({"name": t["name"], "description": t["description"],
-                                   "parameters": {k: v["type"] for k, v in t["parameters"]["properties"].items()}})
+    """A Qwen2.5-style tool prompt kept short for CPU training: one compact JSON schema line per tool."""
+    lines = "\n".join(json.dumps({"name": t["name"], "parameters": {k: v["type"] for k, v in
+                                                                     t["parameters"]["properties"].items()}})
                        for t in tools)
-    return ("# Tools\n<tools>\n" + lines + "\n</tools>\nFor each function call, return a json object within "
-            "<tool_call></tool_call> tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
-            "<args-json-object>}\n</tool_call>")
+    return ("# Tools\n<tools>\n" + lines + "\n</tools>\nCall a tool as <tool_call>\n{\"name\": <function-name>, "
+            "\"arguments\": <args-json-object>}\n</tool_call>")
 
 
 def render_call(name: str, arguments: dict) -> str:

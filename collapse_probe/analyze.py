@@ -1,0 +1,350 @@
+"""`analyze`: a verdict for a finished (or running) run, from its metrics or from its checkpoints.
+
+PATH is one of
+* a run directory / metrics JSONL (ours, a callback's `collapse_probe/metrics.jsonl`, or verl's file logger):
+  records -> `Timeline` -> `analyse_timeline`;
+* a checkpoint directory: `checkpoint-N/` subdirectories (HF Trainer, TRL, our trainer), verl
+  `global_step_N/actor/huggingface/`, or one save_pretrained directory. Each checkpoint is loaded (safetensors
+  only, never remote code), the fixed probe set is scored on it and, when the tokenizer speaks the embedded
+  tool world, greedy success is measured; the per-checkpoint records form a Timeline keyed by step, analysed
+  with the offline change-point detector on the probe captures.
+
+Checkpoint scores are cached outside the checkpoint folder (default
+`$COLLAPSE_PROBE_CACHE/analyze/<hash of the absolute path>/scores.jsonl`, COLLAPSE_PROBE_CACHE defaulting to
+~/.cache/collapse-probe), keyed by step, the weight files' size and mtime, and the scoring settings, so a
+second call scores nothing again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from collapse_probe.errors import UserError
+
+__all__ = ["analyze", "find_checkpoints", "Checkpoint", "default_cache_dir", "CHECKPOINT_MIN_SIZE"]
+
+# Probe captures on fixed contexts carry no sampling noise and checkpoints are sparse (every 5-50 steps), so the
+# change-point detector may cut segments of 3 checkpoints (instead of its default 5 training steps).
+CHECKPOINT_MIN_SIZE = 3
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+_VERL_RE = re.compile(r"^global_step_(\d+)$")
+_CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    path: Path
+
+    def fingerprint(self) -> str:
+        """Size and mtime of the weight and config files (what changes when a checkpoint is rewritten)."""
+        parts = []
+        for f in sorted(self.path.iterdir()):
+            if f.is_file() and (f.suffix == ".safetensors" or f.name in ("config.json", "model.safetensors.index.json")):
+                st = f.stat()
+                parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+        return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _is_model_dir(p: Path) -> bool:
+    return (p / "config.json").is_file()
+
+
+def find_checkpoints(path: Path) -> list[Checkpoint]:
+    """Checkpoints under `path`, sorted by step (empty when there are none)."""
+    found: dict[int, Path] = {}
+    for d in path.iterdir() if path.is_dir() else []:
+        if not d.is_dir():
+            continue
+        m = _CKPT_RE.match(d.name)
+        if m:
+            found[int(m.group(1))] = d
+            continue
+        m = _VERL_RE.match(d.name)
+        if m:
+            hf = d / "actor" / "huggingface"
+            if hf.is_dir():
+                found[int(m.group(1))] = hf
+    if not found and _is_model_dir(path) and any(path.glob("*.safetensors")):
+        m = _CKPT_RE.match(path.name) or _VERL_RE.match(path.name)
+        step = int(m.group(1)) if m else _state_step(path)
+        found[step] = path
+    return [Checkpoint(s, found[s]) for s in sorted(found)]
+
+
+def _state_step(p: Path) -> int:
+    try:
+        return int(json.loads((p / "trainer_state.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def default_cache_dir(path: Path) -> Path:
+    root = Path(os.environ.get("COLLAPSE_PROBE_CACHE") or Path.home() / ".cache" / "collapse-probe")
+    key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
+    return root / "analyze" / key
+
+
+# ---------------------------------------------------------------------------------------------- the cache
+class ScoreCache:
+    """Append-only JSONL of per-checkpoint results; the last entry for (step, fingerprint, settings) wins."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.path = directory / "scores.jsonl"
+        self.entries: dict[tuple, dict] = {}
+        if self.path.is_file():
+            for raw in self.path.read_text(errors="replace").splitlines():
+                try:
+                    e = json.loads(raw)
+                    self.entries[(int(e["step"]), e["fingerprint"], e["settings"])] = e
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn line (killed run): that checkpoint is scored again
+
+    def get(self, ck: Checkpoint, settings: str) -> dict | None:
+        return self.entries.get((ck.step, ck.fingerprint(), settings))
+
+    def put(self, ck: Checkpoint, settings: str, record: dict) -> None:
+        e = {"step": ck.step, "fingerprint": ck.fingerprint(), "settings": settings, "path": str(ck.path),
+             "record": record}
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(e, allow_nan=True) + "\n")
+        except OSError as exc:
+            raise UserError(f"cannot write the score cache {self.path}: {exc.strerror}; pass --cache DIR with a "
+                            "writable directory") from None
+        self.entries[(ck.step, e["fingerprint"], settings)] = e
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+def _has_world_tokens(tok) -> bool:
+    from collapse_probe.tokens import single_token_id
+    from collapse_probe.train import world
+
+    return all(single_token_id(tok, t) is not None for t in world.SPECIAL_TOKENS[1:])
+
+
+def _read_probe_file(path: Path) -> tuple[list[list[dict]], list[dict] | None]:
+    if not path.is_file():
+        raise UserError(f"--probe {path} does not exist: pass a JSONL file of chat conversations")
+    convs, tools = [], None
+    for n, raw in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            raise UserError(f"--probe {path} line {n} is not JSON: write one conversation per line, "
+                            'a list of messages or {"messages": [...], "tools": [...]}') from None
+        msgs = obj.get("messages") if isinstance(obj, dict) else obj
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+            raise UserError(f"--probe {path} line {n} holds no message list: write a list of "
+                            '{"role", "content"} messages or {"messages": [...]}')
+        if isinstance(obj, dict) and tools is None and isinstance(obj.get("tools"), list):
+            tools = obj["tools"]
+        convs.append(msgs)
+    if not convs:
+        raise UserError(f"--probe {path} is empty: add at least one conversation")
+    return convs, tools
+
+
+def _load(ck: Checkpoint):
+    from collapse_probe.train import tiny
+
+    weights = list(ck.path.glob("*.safetensors"))
+    if not weights:
+        raise UserError(f"checkpoint {ck.path} (step {ck.step}) has no *.safetensors weights: only safetensors "
+                        "checkpoints are loaded; convert it (or, for verl, save HF weights)")
+    try:
+        return tiny.load_pretrained(ck.path)
+    except UserError as exc:
+        raise UserError(f"checkpoint step {ck.step}: {exc}") from None
+    except Exception as exc:  # safetensors' own error type, torch errors on cut files, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"checkpoint {ck.path} (step {ck.step}) could not be loaded ({type(exc).__name__}: "
+                        f"{first}); it may be truncated or still being written: re-save it or delete it") from None
+
+
+def score_checkpoint(ck: Checkpoint, *, eval_tasks: int = 32, probe_convs=None, probe_tools=None) -> dict:
+    """One flat record: `cp/probe/...` of the probe set, `success` (greedy, tool world) when possible."""
+    import torch
+
+    from collapse_probe.capture.probe_set import ProbeSet
+
+    model, tok = _load(ck)
+    world_ok = _has_world_tokens(tok)
+    with torch.no_grad():
+        if probe_convs is not None:
+            probe = ProbeSet.from_messages(tok, probe_convs, tools=probe_tools)
+        elif world_ok:
+            probe = ProbeSet.from_world(tok)
+        else:
+            raise UserError(f"checkpoint {ck.path}: its tokenizer lacks the tool world's tokens (<tool_call>, "
+                            "<|im_end|>, ...); pass --probe FILE.jsonl with chat conversations of your own tool use")
+        rec: dict = {"step": ck.step}
+        rec.update(probe.score(model))
+        if world_ok and eval_tasks > 0:
+            from collapse_probe.train.trainer import evaluate
+
+            rec["success"] = rec["eval/success"] = float(evaluate(model, tok, n=eval_tasks))
+    return {k: (float(v) if isinstance(v, (int, float)) and k != "step" else v) for k, v in rec.items()}
+
+
+# ---------------------------------------------------------------------------------------------- analysis
+def _read_run(path: Path):
+    from collapse_probe.runlog import read_records, resolve_metrics_path
+    from collapse_probe.timeline import Timeline
+
+    f = resolve_metrics_path(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            records = read_records(f)
+        except UnicodeDecodeError:
+            raise UserError(f"{f} is not JSONL (binary data): pass a metrics file written by collapse-probe, "
+                            "TRL or verl") from None
+    skipped = sum("skipped line" in str(w.message) for w in caught)
+    if not records:
+        raise UserError(f"{f} holds no records (an empty run): wait until the run has logged a step, or pass "
+                        "another run")
+    return Timeline.from_records(records, path=f), f, skipped
+
+
+def _pick_source(tl) -> str:
+    srcs = tl.sources()
+    return "rollout" if "rollout" in srcs or "probe" not in srcs else "probe"
+
+
+def _final_mix(tl) -> dict:
+    mix = tl.state_mix().dropna(how="all")
+    return {} if mix.empty else {k: float(v) for k, v in mix.iloc[-1].items() if v == v}
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def analyze(path: str | os.PathLike, *, eval_tasks: int = 32, probe: str | os.PathLike | None = None,
+            cache: str | os.PathLike | None = None, checkpoints: bool = False,
+            progress: Callable[[int, int, str], None] | None = None) -> dict:
+    """The verdict as a JSON-able dict (Verdict.to_dict() plus context keys). `progress(done, total, label)`
+    is called around each checkpoint scored. `checkpoints=True` scores checkpoints even when metrics exist."""
+    from collapse_probe.detect.verdict import analyse_timeline
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p} does not exist: pass a run directory, a metrics JSONL file or a checkpoint directory")
+    has_metrics = p.is_file() or (p / "metrics.jsonl").is_file() or (p / "collapse_probe" / "metrics.jsonl").is_file()
+    ckpts = find_checkpoints(p) if p.is_dir() else []
+    if has_metrics and not (checkpoints and ckpts):
+        tl, f, skipped = _read_run(p)
+        source = _pick_source(tl)
+        v = analyse_timeline(tl, source=source)
+        out = v.to_dict()
+        succ = tl.success().dropna()
+        out.update({"kind": "run", "path": str(f), "source": source, "steps": len(tl),
+                    "first_step": int(tl.steps[0]), "last_step": int(tl.steps[-1]),
+                    "success_first": _clean(float(succ.iloc[0])) if len(succ) else None,
+                    "success_last": _clean(float(succ.iloc[-1])) if len(succ) else None,
+                    "final_state_mix": _final_mix(tl), "skipped_lines": skipped, "summary": v.summary()})
+        return out
+    if not ckpts:
+        if checkpoints:
+            raise UserError(f"no checkpoint-N/ or global_step_N/actor/huggingface/ under {p}: pass a directory "
+                            "holding checkpoints")
+        raise UserError(f"{p} holds no metrics.jsonl and no checkpoints (checkpoint-N/, "
+                        "global_step_N/actor/huggingface/): pass a run directory or a checkpoint directory")
+    return _analyze_checkpoints(p, ckpts, eval_tasks=eval_tasks, probe=probe, cache=cache, progress=progress)
+
+
+def _analyze_checkpoints(p: Path, ckpts: list[Checkpoint], *, eval_tasks, probe, cache, progress) -> dict:
+    from collapse_probe.detect.detectors import detect_reward_drop
+    from collapse_probe.detect.verdict import analyse_timeline
+    from collapse_probe.timeline import Timeline
+
+    if eval_tasks < 0:
+        raise UserError(f"--eval-tasks {eval_tasks} is negative: pass 0 to skip the success evaluation")
+    probe_convs = probe_tools = None
+    probe_key = "world"
+    if probe is not None:
+        probe_convs, probe_tools = _read_probe_file(Path(probe))
+        probe_key = hashlib.sha1(Path(probe).read_bytes()).hexdigest()[:16]
+    settings = f"v{_CACHE_VERSION}:eval={int(eval_tasks)}:probe={probe_key}"
+    cache_dir = Path(cache) if cache is not None else default_cache_dir(p)
+    store = ScoreCache(cache_dir)
+    todo = [ck for ck in ckpts if store.get(ck, settings) is None]
+    scored = 0
+    if todo:
+        from transformers.utils import logging as hf_logging
+
+        bars_were_off, verbosity = hf_logging.is_progress_bar_enabled() is False, hf_logging.get_verbosity()
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        try:
+            for i, ck in enumerate(todo):
+                if progress:
+                    progress(i, len(todo), f"step {ck.step}")
+                rec = score_checkpoint(ck, eval_tasks=eval_tasks, probe_convs=probe_convs, probe_tools=probe_tools)
+                store.put(ck, settings, rec)
+                scored += 1
+            if progress:
+                progress(len(todo), len(todo), "done")
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if not bars_were_off:
+                hf_logging.enable_progress_bar()
+    records = [store.get(ck, settings)["record"] for ck in ckpts]
+    tl = Timeline.from_records(records, path=p)
+    v = analyse_timeline(tl, source="probe", online=False, min_size=CHECKPOINT_MIN_SIZE)
+    succ = tl.success()
+    have_succ = bool(succ.notna().any())
+    succ_step = detect_reward_drop(tl.steps, succ.to_numpy()) if have_succ else None
+    rows = []
+    for rec in records:
+        rows.append({"step": rec["step"], "success": _clean(rec.get("success")),
+                     "p_end_of_turn": _clean(rec.get("cp/probe/after_open/end_of_turn")),
+                     "p_json_open": _clean(rec.get("cp/probe/after_open/json_open")),
+                     "p_tool_open": _clean(rec.get("cp/probe/after_open/tool_open"))})
+    out = v.to_dict()
+    out.update({"kind": "checkpoints", "path": str(p), "source": "probe", "steps": len(tl),
+                "first_step": int(tl.steps[0]), "last_step": int(tl.steps[-1]),
+                "success_collapse_step": succ_step, "scored": scored, "cached": len(ckpts) - scored,
+                "cache": str(store.path), "checkpoints": rows, "summary": v.summary()})
+    return out
+
+
+_JSON_HEAD = 'p({"|open)'
+
+
+def render(result: dict) -> str:
+    """A readable summary of `analyze`'s result."""
+    lines = []
+    if result["kind"] == "run":
+        lines.append(f"run {result['path']}: {result['steps']} steps ({result['first_step']}..{result['last_step']}), "
+                     f"captures: {result['source']}")
+        if result.get("skipped_lines"):
+            lines.append(f"skipped {result['skipped_lines']} torn or garbled line(s)")
+    else:
+        lines.append(f"checkpoints under {result['path']}: {result['steps']} "
+                     f"(steps {result['first_step']}..{result['last_step']}); scored: {result['scored']}, "
+                     f"cached: {result['cached']} ({result['cache']})")
+        lines.append(f"{'step':>7}  {'success':>7}  {'p(eot|open)':>11}  {_JSON_HEAD:>10}")
+        for r in result["checkpoints"]:
+            f = lambda v, w: f"{v:>{w}.3f}" if isinstance(v, (int, float)) else f"{'-':>{w}}"  # noqa: E731
+            lines.append(f"{r['step']:>7}  {f(r['success'], 7)}  {f(r['p_end_of_turn'], 11)}  "
+                         f"{f(r['p_json_open'], 10)}")
+        s = result.get("success_collapse_step")
+        lines.append(f"success-based collapse: {'none' if s is None else f'step {s}'}")
+    lines.append(result["summary"])
+    return "\n".join(lines)

@@ -1,0 +1,280 @@
+"""CollapseProbeCallback: control-token probes and format-state mix for an HF `Trainer` or a TRL trainer.
+
+Callbacks never see the training logits, so the callback measures a fixed probe set (`cp/probe/...`, see
+capture/probe_set.py) every `every` steps, merges the Trainer's own logs of that step (loss, reward, entropy,
+grad_norm, ... under the Trainer's key names) into one record per step, and adds the format-state mix (`fmt/...`)
+of the completions TRL logs with `log_completions=True`. Records go to `OUTPUT_DIR/collapse_probe/metrics.jsonl`
+(docs/DESIGN.md), readable by every collapse-probe command. A probe error never stops training: it is logged once.
+
+    from collapse_probe import CollapseProbeCallback
+    trainer = GRPOTrainer(..., callbacks=[CollapseProbeCallback(every=10)])
+    trainer.train()   # then: collapse-probe ... OUTPUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import numbers
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from collapse_probe.capture.probe_set import ProbeSet
+from collapse_probe.errors import UserError
+from collapse_probe.runlog import RunLog
+from collapse_probe.tokens import ControlTokens, resolve_control_tokens
+
+logger = logging.getLogger(__name__)
+
+_WRAPPERS = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine")
+
+
+class CollapseProbeCallback(TrainerCallback):
+    """Probe control-token probabilities every `every` steps and log them with the Trainer's metrics.
+
+    Args:
+        tokenizer: the policy's tokenizer; default: the `processing_class` (or `tokenizer`) the Trainer passes.
+        probe_set: the contexts to score; default: `probe_messages` when given, else the embedded tool world when
+            the tokenizer has its tokens (`<|im_start|>`, `<|im_end|>`, `<tool_call>`, ...).
+        probe_messages: chat conversations (lists of {"role", "content"[, "tool_calls"]}) to build the probe
+            set from with the tokenizer's chat template.
+        every: probe every this many optimizer steps (also at step 0 and at the end of training).
+        out_dir: where config.json and metrics.jsonl go; default `args.output_dir/collapse_probe/`.
+        token_overrides: role -> string for control tokens auto-detection misses (e.g. {"tool_open": "<call>"}).
+        format_spec: a `collapse_probe.detect.formats.FormatSpec` or preset name for classifying TRL completions.
+    """
+
+    def __init__(self, tokenizer: Any = None, probe_set: ProbeSet | None = None,
+                 probe_messages: list[list[dict]] | None = None, every: int = 10, out_dir: str | None = None,
+                 token_overrides: dict[str, str] | None = None, format_spec: Any = None):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise UserError(f"every={every!r}: pass a whole number of steps >= 1")
+        if probe_messages is not None and (not isinstance(probe_messages, list)
+                                           or not all(isinstance(c, list) for c in probe_messages)):
+            raise UserError("probe_messages must be a list of conversations, each a list of message dicts")
+        if probe_set is not None and not isinstance(probe_set, ProbeSet):
+            raise UserError(f"probe_set must be a collapse_probe ProbeSet, got {type(probe_set).__name__}")
+        self.tokenizer, self.probe_set, self.probe_messages = tokenizer, probe_set, probe_messages
+        self.every, self.out_dir, self.token_overrides = every, out_dir, dict(token_overrides or {})
+        self.format_spec = format_spec
+        self.roles: ControlTokens | None = None
+        if tokenizer is not None and self.token_overrides:  # a bad override is the user's to fix now
+            self.roles = resolve_control_tokens(_text_tokenizer(tokenizer), self.token_overrides)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._log: RunLog | None = None
+        self._pending: dict | None = None
+        self._last: dict | None = None
+        self._probed: int | None = None
+        self._output_dir: Path | None = None
+        self._spec: Any = None
+        self._warned: set[str] = set()
+        self._is_main = True
+
+    # ------------------------------------------------------------------ Trainer events
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._guard("setup", self._setup, args, state, model, kwargs)
+        if state.global_step == 0:  # a resumed run already has a record for its first step
+            self._guard("probe", self._probe, state.global_step, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0:
+            self._guard("probe", self._probe, state.global_step, model)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and self._is_main:
+            self._guard("log", self._merge, state.global_step, _trainer_metrics(logs))
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self._probed != state.global_step:
+            self._guard("probe", self._probe, state.global_step, model)
+        self._guard("write", self._flush)
+        if self._log is not None:
+            self._log.close()
+        self._log = None
+
+    # ------------------------------------------------------------------ work
+
+    def _setup(self, args, state, model, kwargs) -> None:
+        self._reset()
+        self._is_main = bool(getattr(state, "is_world_process_zero", True))
+        self._output_dir = Path(args.output_dir)
+        out = Path(self.out_dir) if self.out_dir else self._output_dir / "collapse_probe"
+        tok = self.tokenizer if self.tokenizer is not None else \
+            kwargs.get("processing_class") or kwargs.get("tokenizer")
+        tok = _text_tokenizer(tok) if tok is not None else None
+        origin = "user" if self.probe_set is not None else None
+        try:
+            if self.probe_set is None:
+                if tok is None:
+                    raise UserError("no tokenizer: pass CollapseProbeCallback(tokenizer=...) or give the Trainer a "
+                                    "processing_class")
+                self.roles = self.roles or resolve_control_tokens(tok, self.token_overrides)
+                self.probe_set, origin = _default_probe_set(tok, self.roles, self.probe_messages)
+            self.roles = self.probe_set.roles
+        finally:  # the trainer's metrics are still logged when the probe set cannot be built
+            if self._is_main:
+                self._log = RunLog(out, rank=0)
+                config = {"source": "callback", "trainer": _trainer_name(self, args),
+                          "args_class": type(args).__name__, "output_dir": str(self._output_dir),
+                          "every": self.every, "probe_set": origin,
+                          "probe_sequences": len(self.probe_set.seqs) if self.probe_set is not None else 0,
+                          "model": getattr(getattr(_unwrap(model), "config", None), "_name_or_path", None),
+                          "roles": self.roles.to_dict() if self.roles is not None else None,
+                          "started": time.time()}
+                (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+
+    def _probe(self, step: int, model) -> None:
+        self._probed = step
+        if self.probe_set is None or model is None:
+            return
+        # Every rank scores (a sharded model needs all of them in the forward); only the main one writes.
+        net = _unwrap(model)
+        was_training = net.training
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                stats = self.probe_set.score(net)
+        finally:
+            net.train(was_training)
+        if self._is_main:
+            self._merge(step, {**stats, "time/probe_s": time.perf_counter() - t0})
+
+    def _merge(self, step: int, rec: dict) -> None:
+        if not self._is_main:
+            return
+        if self._pending is not None and self._pending["step"] != step:
+            self._flush()
+        if self._pending is None:  # re-open the step just written: its record is replaced, not split
+            self._pending = dict(self._last) if self._last and self._last["step"] == step else {"step": step}
+        self._pending.update(rec)
+
+    def _flush(self) -> None:
+        rec, self._pending = self._pending, None
+        if rec is None or self._log is None:
+            return
+        self._guard("completions", self._add_formats, rec)
+        rec["time"] = time.time()
+        self._last = rec
+        self._log.append(rec)
+
+    def _add_formats(self, rec: dict) -> None:
+        """fmt/* of the completions TRL logged for this step (GRPOTrainer with log_completions=True)."""
+        if self._output_dir is None or any(k.startswith("fmt/") for k in rec):
+            return
+        f = self._output_dir / "completions" / f"completions_{rec['step']:05d}.parquet"
+        if not f.is_file():
+            return
+        from collapse_probe.detect.formats import FormatSpec, StateMix, classify_turn
+        from collapse_probe.detect.rollout_files import load_turns
+
+        if self._spec is None:
+            spec = self.format_spec
+            self._spec = FormatSpec.preset(spec) if isinstance(spec, str) else spec or FormatSpec()
+        mix = StateMix()
+        for turn in load_turns(f, self._spec):
+            mix.add(classify_turn(turn["text"], self._spec))
+        if mix.total:
+            rec.update(mix.metrics())
+
+    def _guard(self, what: str, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as e:  # never crash the user's training
+            if what not in self._warned:
+                self._warned.add(what)
+                logger.warning("collapse-probe callback: %s failed (%s: %s); training goes on, further %s "
+                               "errors are not reported", what, type(e).__name__, e, what)
+
+
+# ---------------------------------------------------------------------- helpers
+
+def _text_tokenizer(tok: Any) -> Any:
+    """The text tokenizer inside a multimodal processor, else the tokenizer itself."""
+    return getattr(tok, "tokenizer", None) or tok
+
+
+def _unwrap(model: Any) -> Any:
+    while model is not None and type(model).__name__ in _WRAPPERS and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+_WORLD_TOKENS = ("<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
+
+
+def _default_probe_set(tok: Any, roles: ControlTokens, messages: list[list[dict]] | None) -> tuple[ProbeSet, str]:
+    from collapse_probe.tokens import single_token_id
+
+    if messages:
+        return ProbeSet.from_messages(tok, messages, roles=roles), "messages"
+    missing = [s for s in _WORLD_TOKENS if single_token_id(tok, s) is None]
+    if missing:
+        raise UserError(f"the tokenizer lacks the tool world's tokens {missing}: pass probe_messages=[...] "
+                        "(chat conversations with tool calls in your model's format) or probe_set=")
+    return ProbeSet.from_world(tok, roles=roles), "world"
+
+
+def _trainer_name(cb: TrainerCallback, args: Any) -> str:
+    """The class of the Trainer running this callback (found on the call stack), else guessed from args."""
+    import inspect
+
+    frame = inspect.currentframe()
+    try:
+        for _ in range(12):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                break
+            obj = frame.f_locals.get("self")
+            handler = getattr(obj, "callback_handler", None)
+            if handler is not None and cb in getattr(handler, "callbacks", ()):
+                return type(obj).__name__
+    finally:
+        del frame
+    name = type(args).__name__
+    return name[:-len("Config")] + "Trainer" if name.endswith("Config") else "Trainer"
+
+
+def _number(v: Any) -> float | int | None:
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return v.item()
+    if hasattr(v, "item") and getattr(v, "size", 0) == 1:  # numpy scalar
+        return _number(v.item())
+    return None
+
+
+def _trainer_metrics(logs: dict) -> dict:
+    """The Trainer's numeric logs under their own names, plus DESIGN.md aliases where the meaning is plain."""
+    out = {}
+    for k, v in logs.items():
+        if k in ("step", "time"):
+            continue
+        x = _number(v)
+        if x is not None:
+            out[str(k)] = x
+    if "reward" in out:
+        out["reward/mean"] = out["reward"]
+    else:
+        means = [k for k in out if k.startswith("rewards/") and k.endswith("/mean")]
+        if len(means) == 1:
+            out["reward/mean"] = out[means[0]]
+            std = means[0][: -len("/mean")] + "/std"
+            if std in out:
+                out["reward/std"] = out[std]
+    if "reward_std" in out:
+        out["reward/std"] = out["reward_std"]
+    if "learning_rate" in out and "lr" not in out:
+        out["lr"] = out["learning_rate"]
+    return out

@@ -1,0 +1,183 @@
+"""A short, factual Markdown report of one run: figure, verdict with the baselines side by side, final format-state
+mix, top reason codes and the run's config. Other features add sections with `extra_sections`.
+
+Default location: `reports/<run name>/report.md` (relative to the working directory), next to the figure
+`timeline.{pdf,svg,png}`. Nothing is written into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from collapse_probe.errors import UserError
+
+__all__ = ["write_report", "run_name", "default_report_dir", "plot_run"]
+
+_BASELINE_LABELS = {"entropy_drop": "entropy drop", "reward_var_collapse": "in-group reward variance collapse",
+                    "grad_norm_spike": "grad-norm spike", "validity_drop": "format validity drop"}
+
+
+def run_name(path: str | os.PathLike) -> str:
+    """The run's name: the run dir's name (the metrics file's dir, or the HF output dir above collapse_probe/)."""
+    from collapse_probe.runlog import resolve_metrics_path
+
+    p = Path(path)
+    try:
+        f = resolve_metrics_path(p).resolve()
+    except UserError:
+        f = p.resolve() / "metrics.jsonl"
+    d = f.parent
+    if d.name == "collapse_probe":
+        d = d.parent
+    return d.name or "run"
+
+
+def default_report_dir(path: str | os.PathLike) -> Path:
+    return Path("reports") / run_name(path)
+
+
+def _load(run_dir):
+    from collapse_probe.analyze import _read_run
+
+    tl, f, _ = _read_run(Path(run_dir))
+    return tl, f
+
+
+def _source(tl) -> str:
+    srcs = tl.sources()
+    return "rollout" if "rollout" in srcs or "probe" not in srcs else "probe"
+
+
+def plot_run(run_dir: str | os.PathLike, out_stem: str | os.PathLike | None = None, *, verdict=None,
+             title: str | None = None) -> tuple[list[Path], object]:
+    """Timeline + verdict + figure; returns (paths of pdf/svg/png, verdict)."""
+    from collapse_probe.detect.verdict import analyse_timeline
+    from collapse_probe.plots import plot_timeline
+
+    tl, _ = _load(run_dir)
+    verdict = verdict if verdict is not None else analyse_timeline(tl, source=_source(tl))
+    stem = Path(out_stem) if out_stem is not None else default_report_dir(run_dir) / "timeline"
+    if stem.suffix.lower() in (".pdf", ".svg", ".png"):
+        stem = stem.with_suffix("")
+    try:
+        paths = plot_timeline(tl, verdict, stem, title=title if title is not None else run_name(run_dir))
+    except OSError as exc:
+        raise UserError(f"cannot write the figure to {stem}: {exc.strerror}; pass --out with a writable "
+                        "location") from None
+    return paths, verdict
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _verdict_section(verdict, tl) -> str:
+    d = verdict
+    succ = tl.success().dropna()
+    lines = [f"- **Collapsed: {'yes' if d.collapsed else 'no'}.**"]
+    if d.collapse_step is not None and not d.collapsed:
+        lines[0] += " Reward dropped, but no control-token or format warning preceded it."
+    if len(succ):
+        lines.append(f"- `{succ.name}`: {_fmt(float(succ.iloc[0]))} at step {int(succ.index[0])}, peak "
+                     f"{_fmt(float(succ.max()))}, {_fmt(float(succ.iloc[-1]))} at step {int(succ.index[-1])}.")
+    if d.lead_steps is not None:
+        lines.append(f"- First warning {d.lead_steps} steps before the reward drop.")
+    lines += ["", "| signal | onset step | detectable at | lead over reward drop (steps) | detail |",
+              "|---|---|---|---|---|"]
+
+    def row(label, ev, step, lead, detail=""):
+        at = "–" if ev is None else str(ev.detected_at)
+        lines.append(f"| {label} | {_fmt(step)} | {at} | {_fmt(lead)} | {detail} |")
+
+    lead = lambda s: None if s is None or d.collapse_step is None else d.collapse_step - s  # noqa: E731
+    ev = d.first_event("control_spike")
+    row("control-token spike (ours)", ev, d.spike_step, lead(d.spike_step),
+        "" if ev is None else f"`{ev.key}` {ev.direction}, {ev.magnitude:+.2f} log-odds")
+    ev = d.first_event("format_breakage")
+    row("format breakage (ours)", ev, d.breakage_step, lead(d.breakage_step),
+        "" if ev is None else f"`{ev.key}` up, {ev.magnitude:+.2f} log-odds")
+    ev = d.first_event("reward_drop")
+    row("reward drop", ev, d.collapse_step, None, "" if ev is None else f"`{ev.key}` below half its peak")
+    for name, b in d.baselines.items():
+        ev = d.first_event(name)
+        detail = "not logged" if b.get("logged") is False else ("no alarm" if ev is None else f"`{ev.key}`")
+        row(f"baseline: {_BASELINE_LABELS.get(name, name)}", ev, b.get("step"), b.get("lead_steps"), detail)
+    return "\n".join(lines)
+
+
+def _mix_section(tl) -> str:
+    from collapse_probe.detect.formats import REASONS
+
+    mix = tl.state_mix().dropna(how="all")
+    out = []
+    if mix.empty:
+        out.append("Format states were not logged.")
+    else:
+        step = int(mix.index[-1])
+        first = mix.iloc[0]
+        out += [f"At step {step} (first logged step {int(mix.index[0])} for comparison):", "",
+                "| state | final | first |", "|---|---|---|"]
+        for s, v in mix.iloc[-1].items():
+            out.append(f"| {s} | {_fmt(float(v))} | {_fmt(float(first[s]))} |")
+    reasons = [k for k in tl.keys() if k.startswith("fmt/reason/")]
+    if reasons:
+        last = {k[len("fmt/reason/"):]: tl.series(k) for k in reasons}
+        steps = [s for s in tl.steps if any(v.loc[s] == v.loc[s] for v in last.values())]
+        if steps:
+            s = steps[-1]
+            top = sorted(((r, float(v.loc[s])) for r, v in last.items() if v.loc[s] == v.loc[s] and v.loc[s] > 0),
+                         key=lambda rv: -rv[1])[:5]
+            out += ["", f"Top reason codes at step {int(s)}:", "", "| reason | state | fraction | meaning |",
+                    "|---|---|---|---|"]
+            for r, v in top:
+                state, meaning = REASONS.get(r, (None, ""))
+                out.append(f"| {r} | {getattr(state, 'value', '–')} | {_fmt(v)} | {meaning} |")
+    return "\n".join(out)
+
+
+def _config_section(metrics_file: Path) -> str:
+    for c in (metrics_file.parent / "config.json", metrics_file.parent.parent / "config.json"):
+        if c.is_file():
+            try:
+                cfg = json.loads(c.read_text())
+                body = json.dumps(cfg, indent=2, sort_keys=False)
+            except ValueError:
+                body = c.read_text(errors="replace")
+            return f"From `{c}`:\n\n```json\n{body}\n```"
+    return "No config.json next to the metrics."
+
+
+def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, verdict=None,
+                 extra_sections: list[tuple[str, str]] | tuple = ()) -> Path:
+    """Write `out_dir/report.md` (default reports/<run name>/) with the timeline figure next to it; returns
+    the report's path. `extra_sections` are (title, markdown body) pairs appended in order."""
+    tl, f = _load(run_dir)
+    out = Path(out_dir) if out_dir is not None else default_report_dir(run_dir)
+    paths, verdict = plot_run(run_dir, out / "timeline", verdict=verdict)
+    name = run_name(run_dir)
+    span = f"steps {int(tl.steps[0])}..{int(tl.steps[-1])} ({len(tl)} logged)"
+    caps = ", ".join(f"{s} ({', '.join(tl.positions(s))})" for s in tl.sources()) or "none"
+    parts = [f"# collapse-probe report: {name}", "",
+             f"Run: `{f}` — {span}. Control-token captures: {caps}.", "",
+             f"![timeline]({paths[2].name})", "",
+             f"Figure: [PDF]({paths[0].name}) · [SVG]({paths[1].name}). (a) next-token probabilities at the decision "
+             "positions, (b) format-state mix, (c) outcome; vertical lines mark the detected onsets.", "",
+             "## Verdict", "", _verdict_section(verdict, tl), "",
+             "## Format states", "", _mix_section(tl), "",
+             "## Config", "", _config_section(f), ""]
+    for title, body in extra_sections:
+        parts += [f"## {title}", "", body.rstrip(), ""]
+    report = out / "report.md"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        report.write_text("\n".join(parts), encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot write {report}: {exc.strerror}; pass --out with a writable directory") from None
+    return report

@@ -1,0 +1,63 @@
+"""Named training presets that make the phenomenon reproducible on a CPU.
+
+    sft            from scratch to a competent tool user (oracle data, a few "empty call -> retry" traces)
+    grpo-collapse  GRPO from the SFT model with a per-tag format bonus and a harsh learning rate: the
+                   end-of-turn token after `<tool_call>` spikes, turns become a bare tag, success falls
+    grpo-stable    same start and reward, gentle learning rate and a KL anchor: no collapse
+    interleaved    grpo-collapse's settings plus one SFT step on failed prompts every 2 RL steps: no collapse
+
+The RL presets start from the `sft` result: trained on first use and cached (keyed by the SFT config), or
+`--init DIR`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable
+
+from collapse_probe.errors import UserError
+from collapse_probe.train.trainer import TrainConfig, train
+
+_COLLAPSE_REWARD = {"correct": 1.0, "wrong": 0.0, "no_answer": 0.0, "tag_bonus": 0.1, "max_bonus_tags": 10}
+
+PRESETS: dict[str, TrainConfig] = {
+    "sft": TrainConfig(mode="sft", steps=300, lr=3e-3, sft_batch=32, retry_frac=0.1, eval_every=100,
+                       probe_every=25, save_every=0),
+    "grpo-collapse": TrainConfig(mode="grpo", steps=60, lr=1e-3, max_turns=10, reward=dict(_COLLAPSE_REWARD),
+                                 eval_every=0, probe_every=5, save_every=5),
+    "grpo-stable": TrainConfig(mode="grpo", steps=60, lr=1e-4, kl_coef=0.05, max_turns=10,
+                               reward=dict(_COLLAPSE_REWARD), eval_every=0, probe_every=5, save_every=5),
+    "interleaved": TrainConfig(mode="interleaved", steps=60, lr=1e-3, max_turns=10, reward=dict(_COLLAPSE_REWARD),
+                               sft_every=2, sft_steps=1, sft_lr=1e-3, eval_every=0, probe_every=5, save_every=5),
+}
+
+
+def get_preset(name: str, **overrides) -> TrainConfig:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    cfg = dataclasses.replace(PRESETS[name])
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    return cfg
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("COLLAPSE_PROBE_CACHE", Path.home() / ".cache" / "collapse-probe"))
+
+
+def sft_checkpoint(*, progress: Callable[[int, dict], None] | None = None, steps: int | None = None) -> Path:
+    """The cached SFT model every RL preset starts from; trained (seed 0) on first use."""
+    cfg = get_preset("sft", steps=steps)
+    key = hashlib.sha1(cfg.to_json().encode()).hexdigest()[:10]
+    run = cache_dir() / f"sft-{key}"
+    ckpt = run / f"checkpoint-{cfg.steps}"
+    if (ckpt / "model.safetensors").exists():
+        return ckpt
+    if run.exists():  # a killed earlier attempt: start clean, the log is append-only otherwise
+        import shutil
+        shutil.rmtree(run)
+    return train(cfg, run, progress=progress)

@@ -1,0 +1,390 @@
+"""`watch`: follow a live run's metrics file, raise alerts as they happen, exit 2 once a collapse is confirmed.
+
+Accepts our trainer's run dir, an HF/TRL output dir holding `collapse_probe/metrics.jsonl`, or a metrics JSONL
+file (ours or verl's file logger). The file is followed with `runlog.tail_records` (torn last lines wait for
+their newline; a truncated or replaced file is read again from the top) and every record goes through
+`RunWatcher.feed`, which de-duplicates by step and handles restarted runs:
+
+* a step after the last one processed is new: it goes to the `OnlineMonitor`;
+* a step at or before it is a line already seen (same content) or an older line read again (its `time` is not
+  later than the newest record processed): ignored;
+* otherwise the run restarted (resumed from an earlier checkpoint, or verl truncated its log): the monitor is
+  rebuilt from the records before that step and the new record is processed.
+
+Follow mode reads the backlog first (the whole file as it is) and then follows it, so a run that collapsed,
+was restarted from an earlier checkpoint and is healthy now is judged by its current history.
+Nothing is ever written into the run directory. Alerts reach the output within one poll interval (0.2 s) of
+their record being written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import warnings
+from collections import deque
+from pathlib import Path
+from typing import Callable, Iterable, TextIO
+
+from collapse_probe.detect.verdict import OnlineMonitor
+from collapse_probe.errors import UserError
+from collapse_probe.runlog import resolve_metrics_path, tail_records
+from collapse_probe.timeline import FORMAT_STATES
+
+__all__ = ["RunWatcher", "watch", "sparkline", "EXIT_OK", "EXIT_COLLAPSED", "POLL_S"]
+
+POLL_S = 0.2
+EXIT_OK, EXIT_COLLAPSED = 0, 2
+SPARK = "▁▂▃▄▅▆▇█"
+STATE_STYLE = {"healthy_tool_call": "green", "healthy_response": "cyan", "text_pollution": "yellow",
+               "full_collapse": "red"}
+
+
+def _fingerprint(rec: dict) -> str:
+    raw = json.dumps(rec, sort_keys=True, default=str, allow_nan=True)
+    return hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()
+
+
+def _time(rec: dict) -> float | None:
+    t = rec.get("time")
+    return float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) else None
+
+
+def sparkline(values: Iterable[float | None], *, log: bool = True, lo: float | None = None,
+              hi: float | None = None) -> str:
+    """Unicode sparkline; `log` scales probabilities by log10; None/NaN are drawn as a space."""
+    vals = [v if isinstance(v, (int, float)) and math.isfinite(v) else None for v in values]
+    tr = [None if v is None else (math.log10(max(v, 1e-6)) if log else float(v)) for v in vals]
+    finite = [v for v in tr if v is not None]
+    if not finite:
+        return " " * len(vals)
+    a = min(finite) if lo is None else (math.log10(max(lo, 1e-6)) if log else lo)
+    b = max(finite) if hi is None else (math.log10(max(hi, 1e-6)) if log else hi)
+    span = b - a
+    out = []
+    for v in tr:
+        if v is None:
+            out.append(" ")
+        elif span < 1e-9:
+            out.append(SPARK[3])
+        else:
+            out.append(SPARK[min(len(SPARK) - 1, max(0, int((v - a) / span * (len(SPARK) - 1) + 0.5)))])
+    return "".join(out)
+
+
+class RunWatcher:
+    """Feed records in file order; returns a status dict for each record processed (None when ignored).
+
+    `source` is "rollout", "probe" or "auto" (rollout captures when the run logs them, else probe captures;
+    decided at the first record carrying `cp/` keys). Keeps the processed records for replay after a restart
+    and the last `spark_len` values of each role for the live view.
+    """
+
+    def __init__(self, *, source: str = "auto", position: str = "after_open", spark_len: int = 40,
+                 **monitor_kwargs):
+        if source not in ("auto", "rollout", "probe"):
+            raise UserError(f"unknown --source {source!r}: use auto, rollout or probe")
+        self.source = None if source == "auto" else source
+        self.position, self.spark_len, self.monitor_kwargs = position, int(spark_len), monitor_kwargs
+        self.history: dict[int, dict] = {}
+        self._fps: dict[int, str] = {}
+        self.max_time: float | None = None
+        self.restarts = 0
+        self.last_status: dict | None = None
+        self._reset()
+
+    # ---- state -------------------------------------------------------------------------------
+    def _reset(self) -> None:
+        self.monitor = OnlineMonitor(source=self.source or "rollout", position=self.position,
+                                     **self.monitor_kwargs)
+        self.sparks: dict[str, deque] = {}
+        self.success_spark: deque = deque(maxlen=self.spark_len)
+        self.probs: dict[str, float | None] = {}   # last known value per role (captures may be sparse)
+
+    @property
+    def last_step(self) -> int | None:
+        return self.monitor.last_step
+
+    @property
+    def collapsed(self) -> bool:
+        return self.monitor.collapsed
+
+    @property
+    def events(self) -> list:
+        return self.monitor.events
+
+    def _track(self, status: dict) -> None:
+        for role, p in status["probs"].items():
+            self.probs[role] = p
+        for role in self.probs:
+            self.sparks.setdefault(role, deque(maxlen=self.spark_len)).append(status["probs"].get(role))
+        self.success_spark.append(status["success"])
+
+    def _process(self, rec: dict) -> dict:
+        self.monitor.update(rec)
+        status = self.monitor.status(rec)
+        status["source"] = self.monitor.source
+        self._track(status)
+        return status
+
+    def _rewind(self, before: int) -> None:
+        """Rebuild the monitor from the processed records with step < `before`."""
+        kept = {s: r for s, r in self.history.items() if s < before}
+        self.history = kept
+        self._fps = {s: f for s, f in self._fps.items() if s < before}
+        self._reset()
+        for s in sorted(kept):
+            self._process(kept[s])
+
+    # ---- the entry point ---------------------------------------------------------------------
+    def feed(self, rec: dict) -> dict | None:
+        try:
+            step = int(rec["step"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        fp, t = _fingerprint(rec), _time(rec)
+        restarted = False
+        if self.last_step is not None and step <= self.last_step:
+            if self._fps.get(step) == fp:
+                return None  # the same line again (a re-read file or a duplicated write)
+            if t is not None and self.max_time is not None and t <= self.max_time:
+                return None  # an older line read again (e.g. pre-restart history in a replaced file)
+            self.restarts += 1
+            restarted = True
+            self._rewind(step)
+        if self.source is None and any(k.startswith("cp/") for k in rec):
+            self.source = "rollout" if any(k.startswith("cp/rollout/") for k in rec) else "probe"
+            if self.history and self.source != self.monitor.source:
+                self._rewind(step)
+        status = self._process(rec)
+        self.history[step] = rec
+        self._fps[step] = fp
+        if t is not None:
+            self.max_time = t if self.max_time is None else max(self.max_time, t)
+        status["restarted"] = restarted
+        status["restarts"] = self.restarts
+        self.last_status = status
+        return status
+
+
+# ---------------------------------------------------------------------------------------------- output
+def _fmt_p(p) -> str:
+    if p is None:
+        return "–"
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def _alert_line(ev: dict) -> str:
+    who = ev.get("role") or ev.get("key")
+    mag = ev.get("magnitude")
+    mag = "" if mag is None else (f", {mag:+.2f} log-odds" if ev["kind"] in ("control_spike", "format_breakage")
+                                  else f", x{mag:.2f}")
+    return (f"step {ev['detected_at']}: {ev['kind']} {who} {ev.get('direction', '')}{mag} "
+            f"(onset step {ev['step']})")
+
+
+def render_view(w: RunWatcher, path: Path | str, max_roles: int = 8):
+    """The live panel: per-role probability at the decision position with a sparkline, state mix, success."""
+    from rich.console import Group
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    st = w.last_status or {}
+    head = Text()
+    head.append(f"step {st.get('step', '–')}", style="bold")
+    succ = st.get("success")
+    head.append(f"   success {_fmt_p(succ) if succ is not None else '–'} ")
+    head.append(sparkline(w.success_spark, log=False, lo=0.0, hi=1.0), style="bold")
+    if w.restarts:
+        head.append(f"   restarts {w.restarts}", style="yellow")
+    roles = sorted(w.probs, key=lambda r: (r not in ("end_of_turn", "json_open"), -(w.probs[r] or 0.0)))
+    tab = Table(box=None, pad_edge=False, show_edge=False, header_style="dim")
+    tab.add_column(f"p(next) at {w.position} [{st.get('source') or w.source or 'rollout'}]")
+    tab.add_column("now", justify="right")
+    tab.add_column("recent (log scale)")
+    for role in roles[:max_roles]:
+        style = "bold red" if role == "end_of_turn" and (w.probs[role] or 0) > 0.3 else None
+        tab.add_row(role, _fmt_p(w.probs[role]), sparkline(w.sparks.get(role, [])), style=style)
+    mix = Text()
+    for s in FORMAT_STATES:
+        v = (st.get("state_mix") or {}).get(s)
+        if v is not None:
+            mix.append(f"{s} {100 * v:4.0f}%  ", style=STATE_STYLE[s])
+    parts = [head, tab]
+    if mix:
+        parts.append(mix)
+    if w.collapsed:
+        state = Text(f"COLLAPSED ({w.monitor.collapse_reason})", style="bold white on red")
+    elif w.events:
+        state = Text(f"{len(w.events)} alert(s); last: {_alert_line(w.events[-1].to_dict())}", style="yellow")
+    else:
+        state = Text("no alerts", style="green")
+    parts.append(state)
+    return Panel(Group(*parts), title=f"collapse-probe watch {path}", title_align="left")
+
+
+class _Hooks:
+    """`--on-alert CMD`: one shell command per alert, started without waiting; reaped at the end."""
+
+    def __init__(self, cmd: str | None, path: Path, to_stderr: bool, console):
+        self.cmd, self.path, self.console = cmd, path, console
+        self.procs: list[tuple[subprocess.Popen, str]] = []
+        self.stdout = None
+        if to_stderr:  # keep stdout a clean JSON stream
+            try:
+                self.stdout = sys.stderr.fileno()
+            except (AttributeError, OSError, ValueError):
+                self.stdout = subprocess.DEVNULL
+
+    def fire(self, alert: dict, status: dict) -> None:
+        if not self.cmd:
+            return
+        env = dict(os.environ)
+        env.update({"COLLAPSE_PROBE_ALERT": json.dumps(alert, default=str),
+                    "COLLAPSE_PROBE_KIND": str(alert.get("kind", "")),
+                    "COLLAPSE_PROBE_STEP": str(alert.get("detected_at", status.get("step"))),
+                    "COLLAPSE_PROBE_ONSET": str(alert.get("step", "")),
+                    "COLLAPSE_PROBE_RUN": str(self.path),
+                    "COLLAPSE_PROBE_COLLAPSED": "1" if status.get("collapsed") else "0"})
+        try:
+            p = subprocess.Popen(self.cmd, shell=True, env=env, stdin=subprocess.DEVNULL, stdout=self.stdout)
+        except OSError as exc:
+            self.console.print(f"[yellow]warning:[/yellow] --on-alert could not start: {exc}", highlight=False)
+            return
+        self.procs.append((p, str(alert.get("kind"))))
+        self.reap(0.0)
+
+    def reap(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        left = []
+        for p, kind in self.procs:
+            try:
+                rc = p.wait(timeout=max(0.0, deadline - time.monotonic())) if timeout else p.poll()
+            except subprocess.TimeoutExpired:
+                rc = None
+            if rc is None:
+                left.append((p, kind))
+            elif rc != 0:
+                self.console.print(f"[yellow]warning:[/yellow] --on-alert command exited {rc} ({kind} alert)",
+                                   highlight=False)
+        self.procs = left
+
+
+def watch(path: str | os.PathLike, *, once: bool = False, as_json: bool = False,
+          idle_timeout: float | None = None, on_alert: str | None = None, poll_s: float = POLL_S,
+          source: str = "auto", position: str = "after_open", out: TextIO | None = None, console=None,
+          stop: Callable[[], bool] | None = None, **monitor_kwargs) -> int:
+    """Watch a run; returns the exit code (2 once a collapse is confirmed, else 0).
+
+    `as_json` writes one status object per processed record to `out` (default stdout), flushed at once;
+    with `once`, only the last one. `stop()` ends following (tests, embedding)."""
+    from rich.console import Console
+
+    p = Path(path)
+    out = out or sys.stdout
+    console = console or Console(stderr=True)  # messages and warnings
+    view_console = Console(file=out) if not as_json else None
+    if once:
+        resolve_metrics_path(p)  # UserError for a missing path or a dir without metrics
+    elif not p.exists():
+        if p.suffix:
+            raise UserError(f"{p} does not exist: pass a run directory or a metrics JSONL file")
+        console.print(f"[dim]waiting for {p}/metrics.jsonl to appear[/dim]", highlight=False)
+    w = RunWatcher(source=source, position=position, **monitor_kwargs)
+    hooks = _Hooks(on_alert, p, as_json, console)
+    skipped = [0]
+
+    def emit(status: dict) -> None:
+        out.write(json.dumps(status, default=str) + "\n")
+        out.flush()
+
+    def note_warnings(caught: list) -> None:
+        for wm in caught:
+            skipped[0] += 1
+            if not once:  # --once reports a count at the end (or that the file is not JSONL at all)
+                console.print(f"[yellow]warning:[/yellow] {wm.message}", highlight=False, soft_wrap=True)
+        caught.clear()
+
+    live = None
+    reported = {"collapsed": False}
+
+    def handle(status: dict, quiet: bool) -> bool:
+        """Report one processed record; True once the run collapsed."""
+        if status["restarted"] and not as_json:
+            (view_console or console).print(f"[yellow]run restarted at step {status['step']}[/yellow]")
+        for a in status["alerts"]:
+            if not as_json:
+                (live.console if live else view_console).print(f"[bold yellow]alert[/bold yellow] {_alert_line(a)}",
+                                                               highlight=False, soft_wrap=True)
+            hooks.fire(a, status)
+        newly = status["collapsed"] and not reported["collapsed"]
+        reported["collapsed"] = bool(status["collapsed"])
+        if newly:
+            msg = {"kind": "collapse", "step": status.get("collapse_step"), "detected_at": status["step"],
+                   "reason": status.get("collapse_reason")}
+            if not as_json:
+                drop = status.get("collapse_step")
+                why = status.get("collapse_reason") or ""
+                why = why if drop is None else f"reward drop from step {drop}; {why}"
+                (live.console if live else view_console).print(
+                    f"[bold red]collapse confirmed[/bold red] at step {status['step']} ({why})",
+                    highlight=False, soft_wrap=True)
+            hooks.fire(msg, status)
+        if as_json and not quiet:
+            emit(status)
+        if live is not None:
+            live.update(render_view(w, p), refresh=False)
+        return bool(status["collapsed"])
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if not as_json and not once:
+                from rich.live import Live
+                live = Live(render_view(w, p), console=view_console, refresh_per_second=5, transient=False,
+                            redirect_stdout=False, redirect_stderr=False)
+                live.start()
+            # 1) the backlog: the file as it is now, in file order
+            for rec in tail_records(p, poll_s=poll_s, stop=lambda: True):
+                status = w.feed(rec)
+                if status is not None:
+                    handle(status, quiet=once)
+            note_warnings(caught)
+            if once:
+                if w.last_status is None:
+                    f = resolve_metrics_path(p)
+                    if skipped[0]:
+                        raise UserError(f"{f} is not JSONL: no line holds a record with an integer \"step\"; "
+                                        "pass a metrics file written by collapse-probe, TRL or verl")
+                    raise UserError(f"{f} holds no records yet: run it again once the run has logged a step")
+                if skipped[0]:
+                    console.print(f"[yellow]warning:[/yellow] skipped {skipped[0]} torn or garbled line(s) of "
+                                  f"{resolve_metrics_path(p)}", highlight=False, soft_wrap=True)
+                if as_json:
+                    emit(w.last_status)
+                else:
+                    view_console.print(render_view(w, p))
+                return EXIT_COLLAPSED if w.collapsed else EXIT_OK
+            if w.collapsed:
+                return EXIT_COLLAPSED
+            # 2) follow: the backlog is read again and de-duplicated, so no line written in between is lost
+            for rec in tail_records(p, poll_s=poll_s, stop=stop, idle_timeout_s=idle_timeout):
+                note_warnings(caught)
+                status = w.feed(rec)
+                if status is not None and handle(status, quiet=False):
+                    return EXIT_COLLAPSED
+            note_warnings(caught)
+            return EXIT_COLLAPSED if w.collapsed else EXIT_OK
+    finally:
+        if live is not None:
+            live.update(render_view(w, p))
+            live.stop()
+            if not view_console.is_terminal:
+                view_console.line()
+        hooks.reap(10.0)
