@@ -37,6 +37,7 @@ CHECKPOINT_MIN_SIZE = 3
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 _VERL_RE = re.compile(r"^global_step_(\d+)$")
 _CACHE_VERSION = 1
+_FINGERPRINTED = ("config.json", "model.safetensors.index.json")
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class Checkpoint:
         """Size and mtime of the weight and config files (what changes when a checkpoint is rewritten)."""
         parts = []
         for f in sorted(self.path.iterdir()):
-            if f.is_file() and (f.suffix == ".safetensors" or f.name in ("config.json", "model.safetensors.index.json")):
+            if f.is_file() and (f.suffix == ".safetensors" or f.name in _FINGERPRINTED):
                 st = f.stat()
                 parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
         return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]

@@ -151,10 +151,12 @@ def export(run_dir: Path = typer.Argument(...), out_path: Path = typer.Argument(
 def watch(
     run_dir: Path = typer.Argument(..., help="Run dir, HF output dir (collapse_probe/metrics.jsonl) or a metrics "
                                              "JSONL file (ours or verl's file logger)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one status object per line (flushed) instead of the live view."),
+    as_json: bool = typer.Option(False, "--json",
+                                 help="Print one status object per line (flushed) instead of the live view."),
     once: bool = typer.Option(False, "--once", help="Read what is there now, print the last status and exit."),
     idle_timeout: Optional[float] = typer.Option(None, "--idle-timeout", metavar="SECONDS",
-                                                 help="Stop when no record arrived for this long (default: follow forever)."),
+                                                 help="Stop when no record arrived for this long "
+                                                      "(default: follow forever)."),
     on_alert: Optional[str] = typer.Option(None, "--on-alert", metavar="CMD",
                                            help="Shell command run for each alert; env COLLAPSE_PROBE_ALERT (JSON), "
                                                 "COLLAPSE_PROBE_KIND, COLLAPSE_PROBE_STEP, COLLAPSE_PROBE_RUN, "
@@ -165,8 +167,7 @@ def watch(
 ) -> None:
     """Follow a live run and alert as it happens; exit 2 once a collapse is confirmed, else 0.
 
-    Shows each control role's probability at the decision position with a sparkline, the format-state mix,
-    success and alerts. Never writes into the run directory."""
+    Live view: each control role's probability with a sparkline, state mix, success, alerts. Read-only."""
     from collapse_probe.watch import watch as do_watch
 
     if poll <= 0:
@@ -184,10 +185,12 @@ def analyze(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     eval_tasks: int = typer.Option(32, "--eval-tasks", "-n", help="Greedy tool-world tasks per checkpoint (0: skip)."),
     probe: Optional[Path] = typer.Option(None, "--probe", metavar="FILE.jsonl",
-                                         help="Chat conversations to probe with (tokenizers without the tool world's tokens)."),
+                                         help="Chat conversations to probe with (tokenizers without the "
+                                              "tool world's tokens)."),
     cache: Optional[Path] = typer.Option(None, "--cache", metavar="DIR",
                                          help="Directory for the per-checkpoint score cache (default: "
-                                              "$COLLAPSE_PROBE_CACHE or ~/.cache/collapse-probe, /analyze/<hash>)."),
+                                              "$COLLAPSE_PROBE_CACHE/analyze/<path hash>/, "
+                                              "COLLAPSE_PROBE_CACHE defaulting to ~/.cache/collapse-probe)."),
     checkpoints: bool = typer.Option(False, "--checkpoints", help="Score the checkpoints even when metrics exist."),
 ) -> None:
     """Did the run collapse, when did the warning signs appear, and how early? From metrics or checkpoints."""
@@ -246,7 +249,8 @@ def plot(
 @app.command()
 def report(
     run_dir: Path = typer.Argument(..., help="Run dir or metrics JSONL."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", metavar="DIR", help="Output directory (default reports/<run name>/)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", metavar="DIR",
+                                           help="Output directory (default reports/<run name>/)."),
 ) -> None:
     """Write a short Markdown report: figure, verdict with the baselines, final state mix, reason codes, config."""
     from collapse_probe.report import write_report

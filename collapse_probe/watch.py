@@ -8,6 +8,7 @@ their newline; a truncated or replaced file is read again from the top) and ever
 * a step after the last one processed is new: it goes to the `OnlineMonitor`;
 * a step at or before it is a line already seen (same content) or an older line read again (its `time` is not
   later than the newest record processed): ignored;
+* a newer line for the last step adds keys to it (e.g. eval metrics logged after the train metrics): merged;
 * otherwise the run restarted (resumed from an earlier checkpoint, or verl truncated its log): the monitor is
   rebuilt from the records before that step and the new record is processed.
 
@@ -154,8 +155,11 @@ class RunWatcher:
                 return None  # the same line again (a re-read file or a duplicated write)
             if t is not None and self.max_time is not None and t <= self.max_time:
                 return None  # an older line read again (e.g. pre-restart history in a replaced file)
-            self.restarts += 1
-            restarted = True
+            if step == self.last_step and step in self.history:
+                rec = {**self.history[step], **rec}  # more keys logged for the same step (e.g. eval after train)
+            else:
+                self.restarts += 1
+                restarted = True
             self._rewind(step)
         if self.source is None and any(k.startswith("cp/") for k in rec):
             self.source = "rollout" if any(k.startswith("cp/rollout/") for k in rec) else "probe"

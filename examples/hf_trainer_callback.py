@@ -35,8 +35,9 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--every", type=int, default=5, help="probe every N steps")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the tiny model runs best on one)")
     opts = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(opts.threads)
     out = Path(opts.out)
     model_path = build_base_model(out / "base_model")
 

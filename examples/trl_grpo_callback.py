@@ -33,6 +33,7 @@ def build_base_model(path: Path) -> Path:
         tokenizer = tiny.build_tokenizer()
         tags = [world.TOOL_OPEN, world.TOOL_CLOSE, world.RESP_OPEN, world.RESP_CLOSE]
         tokenizer.backend_tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in tags])
+        tokenizer.extra_special_tokens = [t for t in tokenizer.extra_special_tokens if t not in tags]
         tiny.build_model(tokenizer, "tiny").save_pretrained(path)
         tokenizer.save_pretrained(path)
     return path
@@ -51,10 +52,11 @@ def tool_call_reward(completions, **kwargs) -> list[float]:
 def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--every", type=int, default=2, help="probe every N steps")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the tiny model runs best on one)")
     opts = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(opts.threads)
     out = Path(opts.out)
     model_path = build_base_model(out / "base_model")
 

@@ -56,6 +56,9 @@ def default_corpus(n_tasks: int = 400) -> list[str]:
             if obs:
                 parts.append(observation_text(obs))
         texts.append("".join(parts))
+    # every value word, quoted as the world writes it, often enough to become a single token
+    values = world.NAMES + world.CITIES + world.USER_IDS + world.SKIES
+    texts += [" ".join(f'"{v}"' for v in values)] * 8
     return texts
 
 

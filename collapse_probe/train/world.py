@@ -6,9 +6,12 @@ cannot memorise answers: it has to call tools in sequence and copy what it obser
 Tasks need 2-4 calls where later arguments come from earlier observations, then a final answer turn:
 
     "Which city does alice live in?"                      find_user -> get_city                     (2 calls)
-    "What is the temperature where alice lives?"          find_user -> get_city -> get_weather      (3 calls)
-    "Which city does alice's friend live in?"             find_user -> get_friend -> get_city       (3 calls)
-    "What is the temperature where alice's friend lives?" find_user -> get_friend -> get_city -> get_weather
+    "What is the weather where alice lives?"              find_user -> get_city -> get_weather      (3 calls)
+    "Which city does the friend of alice live in?"        find_user -> get_friend -> get_city       (3 calls)
+    "What is the weather where the friend of alice lives?" find_user -> get_friend -> get_city -> get_weather
+
+Values (names, user ids, cities, weather) are quoted wherever they appear, so each is the same single token in
+the question, the JSON arguments, the observations and the answer: copying is what the policy must learn.
 
 Conversations follow ChatML with the Qwen/Hermes tool convention: tools listed in the system prompt, calls as
 `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, results in a user turn as `<tool_response>`.
@@ -28,6 +31,8 @@ NAMES = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "iv
          "mike", "nina", "oscar", "peggy", "quinn", "rita", "sam", "tina", "uma", "victor", "wendy", "yara"]
 CITIES = ["oslo", "paris", "lima", "cairo", "tokyo", "rome", "delhi", "quito", "perth", "dakar", "hanoi",
           "seoul", "bern", "riga", "accra", "lagos"]
+USER_IDS = [f"u{a}{b}" for a in "bdfgkmprst" for b in "aeiou"]  # letters only: one BPE token each
+SKIES = ["sunny", "rainy", "cloudy", "windy", "snowy", "foggy", "stormy", "clear"]
 
 TOOLS = [
     {"name": "find_user", "description": "Find a user id by name.",
@@ -36,7 +41,7 @@ TOOLS = [
      "parameters": {"type": "object", "properties": {"user_id": {"type": "string"}}, "required": ["user_id"]}},
     {"name": "get_city", "description": "Get the city a user lives in.",
      "parameters": {"type": "object", "properties": {"user_id": {"type": "string"}}, "required": ["user_id"]}},
-    {"name": "get_weather", "description": "Get the temperature of a city in celsius.",
+    {"name": "get_weather", "description": "Get the current weather of a city.",
      "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
 ]
 TOOL_NAMES = frozenset(t["name"] for t in TOOLS)
@@ -44,9 +49,9 @@ TOOL_NAMES = frozenset(t["name"] for t in TOOLS)
 # (question template, tool chain); the answer is the last observation's value.
 TASK_KINDS = {
     "city": ("Which city does {name} live in?", ["find_user", "get_city"]),
-    "weather": ("What is the temperature where {name} lives?", ["find_user", "get_city", "get_weather"]),
-    "friend_city": ("Which city does {name}'s friend live in?", ["find_user", "get_friend", "get_city"]),
-    "friend_weather": ("What is the temperature where {name}'s friend lives?",
+    "weather": ("What is the weather where {name} lives?", ["find_user", "get_city", "get_weather"]),
+    "friend_city": ("Which city does the friend of {name} live in?", ["find_user", "get_friend", "get_city"]),
+    "friend_weather": ("What is the weather where the friend of {name} lives?",
                        ["find_user", "get_friend", "get_city", "get_weather"]),
 }
 
@@ -71,7 +76,7 @@ def render_call(name: str, arguments: dict) -> str:
 
 
 def render_answer(answer: str) -> str:
-    return f"The answer is {answer}."
+    return f'The answer is "{answer}".'
 
 
 @dataclass
@@ -86,7 +91,7 @@ class Task:
     users: dict[str, str]  # name -> user id
     friend: dict[str, str]  # user id -> friend's user id
     city: dict[str, str]  # user id -> city
-    temp: dict[str, int]  # city -> temperature
+    sky: dict[str, str]  # city -> weather
 
     def execute(self, name: str, arguments: dict) -> dict:
         """Run one tool. Errors are observations, never exceptions."""
@@ -97,7 +102,7 @@ class Task:
         if not isinstance(value, str) or set(arguments) != {arg}:
             return {"error": f"{name} takes one string argument {arg!r}"}
         table = {"find_user": (self.users, "user_id"), "get_friend": (self.friend, "friend_id"),
-                 "get_city": (self.city, "city"), "get_weather": (self.temp, "temp_c")}[name]
+                 "get_city": (self.city, "city"), "get_weather": (self.sky, "weather")}[name]
         if value not in table[0]:
             return {"error": f"no result for {arg} {value!r}"}
         return {table[1]: table[0][value]}
@@ -122,14 +127,13 @@ def make_task(seed: int, kind: str | None = None) -> Task:
     kind = kind or rng.choice(sorted(TASK_KINDS))
     template, chain = TASK_KINDS[kind]
     people = rng.sample(NAMES, 5)
-    ids = rng.sample(range(10, 100), len(people))
-    users = {n: f"u{i}" for n, i in zip(people, ids)}
+    users = dict(zip(people, rng.sample(USER_IDS, len(people))))
     uids = list(users.values())
     friend = {u: rng.choice([v for v in uids if v != u]) for u in uids}
     city = {u: rng.choice(CITIES) for u in uids}
-    temp = {c: rng.randrange(0, 40) for c in set(city.values())}
+    sky = {c: rng.choice(SKIES) for c in sorted(set(city.values()))}
     subject = people[0]
-    return Task(seed, kind, template.format(name=subject), chain, subject, users, friend, city, temp)
+    return Task(seed, kind, template.format(name=f'"{subject}"'), chain, subject, users, friend, city, sky)
 
 
 def task_split(split: str, n: int, offset: int = 0) -> list[Task]:

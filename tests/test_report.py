@@ -1,0 +1,53 @@
+"""`plot` writes the timeline as PDF/SVG/PNG; `report` writes a Markdown report referencing the PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from collapse_probe.cli import app
+from collapse_probe.report import run_name, write_report
+from test_watch import snapshot, write_run
+
+runner = CliRunner()
+
+
+def test_plot_default_and_explicit_out(tmp_path, monkeypatch):
+    run = write_run(tmp_path / "runs" / "grpo-a", True)
+    before = snapshot(run)
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["plot", str(run)])
+    assert res.exit_code == 0, res.output
+    paths = [Path(line) for line in res.stdout.split()]
+    assert [p.as_posix() for p in paths] == [f"reports/grpo-a/timeline.{e}" for e in ("pdf", "svg", "png")]
+    assert paths[0].read_bytes()[:4] == b"%PDF" and paths[2].read_bytes()[:4] == b"\x89PNG"
+    assert b"<svg" in paths[1].read_bytes()[:2000]
+    res = runner.invoke(app, ["plot", str(run / "metrics.jsonl"), "--out", str(tmp_path / "figs" / "x.png")])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["x.pdf", "x.png", "x.svg"]
+    assert snapshot(run) == before
+
+
+def test_report_markdown(tmp_path, monkeypatch):
+    # a callback layout: OUTPUT_DIR/collapse_probe/metrics.jsonl; the run is named after OUTPUT_DIR
+    out_dir = tmp_path / "trl-out"
+    write_run(out_dir / "collapse_probe", True)
+    assert run_name(out_dir) == "trl-out"
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["report", str(out_dir)])
+    assert res.exit_code == 0, res.output
+    md_path = Path(res.stdout.strip())
+    assert md_path.as_posix() == "reports/trl-out/report.md"
+    md = md_path.read_text()
+    assert "![timeline](timeline.png)" in md and (md_path.parent / "timeline.png").is_file()
+    assert "**Collapsed: yes.**" in md and "| control-token spike (ours) |" in md
+    assert "baseline: entropy drop" in md and "| bare_open_tag | full_collapse |" in md
+    assert '"preset": "synthetic"' in md  # the run's config
+
+    stable = write_run(tmp_path / "stable", False, seed=1)
+    p = write_report(stable, tmp_path / "rep", extra_sections=[("Recovery", "10 SFT steps: success 0.97.")])
+    md = p.read_text()
+    assert p == tmp_path / "rep" / "report.md" and "**Collapsed: no.**" in md
+    assert md.rstrip().endswith("10 SFT steps: success 0.97.") and "## Recovery" in md
+    assert (tmp_path / "rep" / "timeline.png").is_file()
