@@ -258,6 +258,66 @@ def report(
     out.print(str(write_report(run_dir, out_dir)), highlight=False, soft_wrap=True)
 
 
+# ----------------------------------------------------------------------------------------------- recover
+@app.command()
+def recover(
+    ckpt: Path = typer.Argument(..., help="A checkpoint directory (HF save_pretrained layout, safetensors)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    formats: Optional[str] = typer.Option(None, "--formats", metavar="A,B",
+                                          help="Comma-separated formats to try (default: all): canonical, "
+                                               "renamed_tags, untagged_json, python_list, xml, markdown_fence, "
+                                               "reworded, renamed_tools."),
+    n: int = typer.Option(32, "-n", "--n", help="Greedy held-out tasks per probe."),
+    repair_steps: int = typer.Option(50, "--repair-steps", help="At most this many SFT repair steps."),
+    fresh_max_steps: int = typer.Option(300, "--fresh-max-steps",
+                                        help="Budget of SFT steps for the fresh model to match the repair."),
+    skip_repair: bool = typer.Option(False, "--skip-repair", help="Skip the SFT repair and the fresh-model run."),
+) -> None:
+    """Does the tool skill survive the collapse? Format grid, masked decoding, SFT repair vs a fresh model."""
+    from collapse_probe.recover import parse_format_list, render_recovery_table, run_recovery
+
+    if n < 1:
+        raise UserError(f"-n {n}: evaluate at least one task")
+    if repair_steps < 1 and not skip_repair:
+        raise UserError(f"--repair-steps {repair_steps}: give at least 1, or pass --skip-repair")
+    if fresh_max_steps < 0:
+        raise UserError(f"--fresh-max-steps {fresh_max_steps} must be >= 0")
+    parse_format_list(formats)  # unknown names: one line before anything loads
+    bar = _PhaseBar()
+    try:
+        result = run_recovery(ckpt, formats=formats, n=n, repair_steps=repair_steps, fresh_max_steps=fresh_max_steps,
+                              skip_repair=skip_repair, progress=bar)
+    finally:
+        bar.close()
+    if as_json:
+        _print_json(result)
+    else:
+        out.print(render_recovery_table(result), highlight=False, soft_wrap=True)
+
+
+class _PhaseBar:
+    """A rich progress bar on stderr with one line per phase (formats, masked, repair, fresh)."""
+
+    def __init__(self):
+        self.p = None
+        self.tasks: dict[str, int] = {}
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if self.p is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            self.p = Progress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
+                              TimeElapsedColumn(), console=err, transient=False, disable=not err.is_terminal)
+            self.p.start()
+        if phase not in self.tasks:
+            self.tasks[phase] = self.p.add_task(phase, total=max(total, 1))
+        self.p.update(self.tasks[phase], completed=done, total=max(total, 1))
+
+    def close(self) -> None:
+        if self.p is not None:
+            self.p.stop()
+            self.p = None
+
+
 def main() -> None:
     """Console entry point: one clear line for user errors, no tracebacks."""
     debug = bool(os.environ.get("COLLAPSE_PROBE_DEBUG"))

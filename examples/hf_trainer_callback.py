@@ -5,7 +5,7 @@ steps on the tool world's oracle trajectories (loss on assistant tokens only) an
 5 steps. Runs offline on a CPU in well under a minute:
 
     python examples/hf_trainer_callback.py --out /tmp/cp_hf
-    collapse-probe ... /tmp/cp_hf/trainer        # records: /tmp/cp_hf/trainer/collapse_probe/metrics.jsonl
+    collapse-probe analyze /tmp/cp_hf/trainer     # records: /tmp/cp_hf/trainer/collapse_probe/metrics.jsonl
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ def build_base_model(path: Path) -> Path:
         tokenizer = tiny.build_tokenizer()
         tags = [world.TOOL_OPEN, world.TOOL_CLOSE, world.RESP_OPEN, world.RESP_CLOSE]
         tokenizer.backend_tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in tags])
-        tokenizer.extra_special_tokens = [t for t in tokenizer.extra_special_tokens if t not in tags]
+        attr = "extra_special_tokens" if hasattr(tokenizer, "extra_special_tokens") else "additional_special_tokens"
+        setattr(tokenizer, attr, [t for t in getattr(tokenizer, attr) if t not in tags])  # transformers 5 / 4
         tiny.build_model(tokenizer, "tiny").save_pretrained(path)
         tokenizer.save_pretrained(path)
     return path

@@ -8,7 +8,7 @@ of the completions TRL logs with `log_completions=True`. Records go to `OUTPUT_D
 
     from collapse_probe import CollapseProbeCallback
     trainer = GRPOTrainer(..., callbacks=[CollapseProbeCallback(every=10)])
-    trainer.train()   # then: collapse-probe ... OUTPUT_DIR
+    trainer.train()   # meanwhile or after: collapse-probe watch OUTPUT_DIR / analyze OUTPUT_DIR
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ class CollapseProbeCallback(TrainerCallback):
         self._spec: Any = None
         self._warned: set[str] = set()
         self._is_main = True
+        self._running = False
 
     # ------------------------------------------------------------------ Trainer events
 
@@ -90,19 +91,22 @@ class CollapseProbeCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and self._is_main:
             self._guard("log", self._merge, state.global_step, _trainer_metrics(logs))
+            if not self._running:  # e.g. trainer.evaluate() after train(): the step's record is rewritten whole
+                self._guard("write", self._flush)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self._probed != state.global_step:
             self._guard("probe", self._probe, state.global_step, model)
         self._guard("write", self._flush)
-        if self._log is not None:
-            self._log.close()
-        self._log = None
+        self._running = False  # the log stays open for metrics logged after training (evaluate)
 
     # ------------------------------------------------------------------ work
 
     def _setup(self, args, state, model, kwargs) -> None:
+        if self._log is not None:
+            self._log.close()
         self._reset()
+        self._running = True
         self._is_main = bool(getattr(state, "is_world_process_zero", True))
         self._output_dir = Path(args.output_dir)
         out = Path(self.out_dir) if self.out_dir else self._output_dir / "collapse_probe"

@@ -1,0 +1,306 @@
+"""Recovery forensics: does the tool skill survive a collapse, hidden behind the format?
+
+Four probes on one checkpoint, each independent of the others:
+
+    formats  the same tasks in other call syntaxes and with other surface content (recover.formats); the
+             spread is best minus worst content accuracy across them
+    masked   greedy decoding with the spiking control tokens forbidden right after `<tool_call>` (recover.masked)
+    repair   a few SFT steps on oracle data, against a fresh model of the same architecture given the same
+             steps: the latent-skill ratio (recover.repair)
+
+`run_recovery(ckpt)` runs them all and states plainly which probes found the skill (content accuracy >= 0.60)
+and which did not. `render_recovery_table` and `recovery_markdown` present the result.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+from collapse_probe.errors import UserError
+from collapse_probe.recover.evaluate import evaluate_format, format_spread, score_episode
+from collapse_probe.recover.formats import FORMAT_NAMES, FORMATS, ToolFormat, get_format, parse_format_list
+from collapse_probe.recover.masked import ForbidTokens, ObserveAfterOpen, masked_eval, spiking_roles
+from collapse_probe.recover.repair import sft_repair
+
+__all__ = ["run_recovery", "load_checkpoint", "evaluate_format", "masked_eval", "sft_repair", "get_format",
+           "FORMATS", "FORMAT_NAMES", "ToolFormat", "ForbidTokens", "ObserveAfterOpen", "spiking_roles",
+           "format_spread", "score_episode", "findings", "parse_format_list", "render_recovery_table",
+           "recovery_markdown", "SKILL_THRESHOLD", "COLLAPSE_THRESHOLD"]
+
+SKILL_THRESHOLD = 0.6  # content accuracy at which a probe "found the skill"
+COLLAPSE_THRESHOLD = 0.2  # canonical greedy success below this: collapsed
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total); phases: formats, masked, repair, fresh
+
+
+def load_checkpoint(path: str | Path):
+    """(model, tokenizer, control roles) from a local HF checkpoint directory, with one-line errors for a path
+    that holds no model and for a tokenizer without the tool world's control tokens."""
+    from collapse_probe.tokens import resolve_control_tokens
+    from collapse_probe.train import tiny, world
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{path}: no such directory; pass a checkpoint directory (e.g. RUN/checkpoint-N/)")
+    if not p.is_dir():
+        raise UserError(f"{path}: not a directory; pass a checkpoint directory (e.g. RUN/checkpoint-N/)")
+    if not (p / "config.json").is_file():
+        found = sorted((c.name for c in p.glob("checkpoint-*") if (c / "config.json").is_file()),
+                       key=lambda s: (len(s), s))
+        hint = f" (this looks like a run directory: try {p / found[-1]})" if found else ""
+        raise UserError(f"{path}: no model here (no config.json){hint}; pass a directory written by "
+                        "save_pretrained")
+    if not any(p.glob("*.safetensors")):
+        raise UserError(f"{path}: config.json but no *.safetensors weights; recover loads safetensors "
+                        "checkpoints only (save_pretrained(..., safe_serialization=True))")
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    try:  # the tokenizer first: a missing control token is reported before the weights load
+        tok = AutoTokenizer.from_pretrained(str(p))
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: could not load a tokenizer ({first}); pass a checkpoint saved with its "
+                        "tokenizer files") from None
+    roles = resolve_control_tokens(tok)
+    need = {"tool_open": world.TOOL_OPEN, "end_of_turn": world.IM_END}
+    missing = [s for role, s in need.items() if roles.strings.get(role) != s]
+    if missing:
+        raise UserError(f"{path}: the tokenizer lacks {' and '.join(missing)} as single control tokens; recover "
+                        "runs the embedded tool world (Qwen/Hermes ChatML), which needs them "
+                        f"(see `collapse-probe tokens {path}`)")
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model, tok = tiny.load_pretrained(p)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    return model, tok, roles
+
+
+def run_recovery(ckpt_path: str | Path, *, formats: str | Sequence[str] | None = None, n: int = 32,
+                 repair_steps: int = 50, fresh_max_steps: int = 300, progress: Progress | None = None,
+                 max_turns: int = 8, skip_repair: bool = False, mask_roles: Sequence[str] | None = None,
+                 repair_target: float = 0.8) -> dict:
+    """All recovery probes on one checkpoint. Returns
+
+        {"canonical": {"validity", "success"},
+         "formats": {NAME: {"validity", "content_accuracy", "success"}},
+         "spread": best minus worst content accuracy across the formats,
+         "masked": {"validity", "success", "content_accuracy", "masked_roles", ...},
+         "repair": {"steps", "success_before", "success_after", "fresh_steps_to_same", ...} (None if skipped),
+         "collapsed": canonical success < 0.2,
+         "findings": [plain sentences]}
+    """
+    from collapse_probe.capture.probe_set import ProbeSet
+
+    fmts = parse_format_list(formats)  # unknown names fail before anything loads
+    if n < 1:
+        raise UserError(f"n={n}: evaluate at least one task")
+    if repair_steps < 1 and not skip_repair:
+        raise UserError(f"repair_steps={repair_steps}: give at least 1 step, or skip the repair")
+    if fresh_max_steps < 0:
+        raise UserError(f"fresh_max_steps={fresh_max_steps} must be >= 0")
+    model, tok, roles = load_checkpoint(ckpt_path)
+    model.eval()
+    tick = progress or (lambda phase, done, total: None)
+
+    # canonical first, with an observer: on-policy p(role | right after <tool_call>) comes for free
+    observer = ObserveAfterOpen(roles)
+    canon = evaluate_format(model, tok, "canonical", n=n, max_turns=max_turns, logits_processor=observer)
+    results: dict[str, dict] = {}
+    details: dict[str, dict] = {}
+    total = len(fmts)
+    for i, fmt in enumerate(fmts):
+        tick("formats", i, total)
+        res = canon if fmt.name == "canonical" else evaluate_format(model, tok, fmt, n=n, max_turns=max_turns)
+        details[fmt.name] = res
+        results[fmt.name] = {k: res[k] for k in ("validity", "content_accuracy", "success")}
+    tick("formats", total, total)
+
+    tick("masked", 0, 1)
+    probe_scores = ProbeSet.from_world(tok, n=16, roles=roles).score(model)
+    onpolicy = observer.probs()
+    masked = masked_eval(model, tok, mask_roles, n=n, max_turns=max_turns, probe=probe_scores, onpolicy=onpolicy,
+                         roles=roles)
+    masked["probe_after_open"] = {k.rsplit("/", 1)[1]: v for k, v in probe_scores.items()
+                                  if k.startswith("cp/probe/after_open/") and not k.endswith("/count")}
+    masked["onpolicy_after_open"] = onpolicy
+    tick("masked", 1, 1)
+
+    repair = None
+    if not skip_repair:
+        repair = sft_repair(model, tok, max_steps=repair_steps, fresh_max_steps=fresh_max_steps, n=n,
+                            max_turns=max_turns, target=repair_target, success_before=canon["success"],
+                            progress=tick)
+    result = {
+        "canonical": {"validity": canon["validity"], "success": canon["success"]},
+        "formats": results,
+        "spread": format_spread(results),
+        "masked": masked,
+        "repair": repair,
+        "collapsed": canon["success"] < COLLAPSE_THRESHOLD,
+        "findings": [],
+    }
+    result["findings"] = findings(result, canonical_content=canon["content_accuracy"], details=details)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ findings
+def _where(position: str) -> str:
+    return "after <tool_call>" if position == "after_open" else "inside an open <tool_call>"
+
+
+def findings(result: dict, *, canonical_content: float | None = None,
+             details: dict[str, dict] | None = None) -> list[str]:
+    """Plain sentences: the verdict, which probes found the skill (content accuracy >= 0.60) and which did not.
+    `details` (format name -> the full `evaluate_format` result) adds what the model wrote instead."""
+    out: list[str] = []
+    can, fmts, m, rep = result["canonical"], result["formats"], result.get("masked"), result.get("repair")
+    collapsed = result["collapsed"]
+    if canonical_content is None and "canonical" in fmts:
+        canonical_content = fmts["canonical"]["content_accuracy"]
+    # the skill is "hidden" when the trained format does not show it; only then can a probe restore it
+    hidden = collapsed or (canonical_content is not None and canonical_content < SKILL_THRESHOLD)
+    state = "collapsed" if collapsed else "not collapsed"
+    out.append(f"{state}: canonical greedy success {can['success']:.2f}, {can['validity']:.0%} of assistant turns "
+               "well-formed" + (f", content accuracy {canonical_content:.2f}" if canonical_content is not None else ""))
+    others = {k: v for k, v in fmts.items() if k != "canonical"}
+    found = {k: v for k, v in others.items() if v["content_accuracy"] >= SKILL_THRESHOLD}
+    missed = {k: v for k, v in others.items() if v["content_accuracy"] < SKILL_THRESHOLD}
+    if found:
+        lead = "the skill shows with the format changed" if hidden else "the skill also holds"
+        out.append(f"{lead} (content accuracy >= 0.60): " + ", ".join(
+            f"{k} {v['content_accuracy']:.2f} (success {v['success']:.2f})" for k, v in found.items()))
+    if missed:
+        out.append("no skill visible (content accuracy < 0.60) in: " + ", ".join(
+            f"{k} {v['content_accuracy']:.2f}" for k, v in missed.items()))
+        stuck = {k: d["canonical_turn_frac"] for k, d in (details or {}).items()
+                 if k in missed and FORMATS.get(k) is not None and FORMATS[k].kind == "syntax"
+                 and d.get("canonical_turn_frac", 0.0) >= 0.5}
+        if stuck:
+            out.append("asked for another syntax, the model kept writing canonical <tool_call> calls (" + ", ".join(
+                f"{k} {v:.0%} of turns" for k, v in stuck.items()) + "): it does not follow the syntax "
+                "instruction, so these formats cannot show the skill either way")
+        if not hidden:
+            out.append("the model is healthy in its trained format, so these misses measure format/content-OOD "
+                       "brittleness, not collapse damage")
+    if len(fmts) > 1:
+        out.append(f"format spread (best minus worst content accuracy over {len(fmts)} formats): "
+                   f"{result['spread']:.2f}")
+    masked_found = False
+    if m:
+        roles = " and ".join(m["masked_roles"]) or "nothing"
+        where = _where(m.get("position", "after_open"))
+        how = {"auto": "spiking, picked automatically", "auto-fallback": "nothing spiked above 0.05, so the "
+               "paper's token", "given": "as asked"}.get(m.get("selection", ""), "")
+        changed = m.get("mask_changed", 0)
+        if changed == 0:
+            out.append(f"masking {roles} {where} ({how}) changed no greedy decision: it was never the top choice "
+                       f"there (success {m['success']:.2f})")
+        elif m["content_accuracy"] >= SKILL_THRESHOLD and hidden:
+            masked_found = True
+            tokens = "one token" if len(m["masked_roles"]) == 1 else f"{len(m['masked_roles'])} tokens"
+            out.append(f"masking {roles} {where} restored {m['success']:.2f} success (content accuracy "
+                       f"{m['content_accuracy']:.2f}, {changed} greedy choices overridden): the skill was hidden by "
+                       f"{tokens}")
+        elif m["content_accuracy"] >= SKILL_THRESHOLD:
+            out.append(f"masking {roles} {where} overrode {changed} greedy choices; success {m['success']:.2f}, "
+                       f"content accuracy {m['content_accuracy']:.2f}")
+        else:
+            out.append(f"masking {roles} {where} ({how}) did not bring the skill back: success {m['success']:.2f}, "
+                       f"content accuracy {m['content_accuracy']:.2f}, though it overrode {changed} greedy choices")
+    if collapsed and not found and not masked_found:
+        out.append("no perturbed format and no masking recovered the skill: damage spread beyond one token")
+    if rep:
+        b, a, s = rep["success_before"], rep["success_after"], rep["steps"]
+        if s == 0:
+            out.append(f"no SFT repair needed: canonical success {b:.2f} already meets the target {rep['target']:.2f}")
+        elif rep["reached_target"]:
+            out.append(f"{s} SFT repair steps restored canonical success {b:.2f} -> {a:.2f}")
+        else:
+            out.append(f"{s} SFT repair steps took canonical success only {b:.2f} -> {a:.2f} "
+                       f"(target {rep['target']:.2f} not reached)")
+        ratio = rep.get("latent_skill_ratio")
+        if rep.get("fresh_steps_to_same") is not None:
+            verdict = ("the skill was latent, not lost" if ratio >= 3 and rep["reached_target"] else
+                       "a head start over a fresh model" if ratio >= 3 else
+                       "little head start over a fresh model: the skill was largely lost")
+            out.append(f"a fresh model of the same architecture needed {rep['fresh_steps_to_same']} steps to reach "
+                       f"{a:.2f} ({ratio:.1f}x the repair): {verdict}")
+        elif ratio is not None:
+            verdict = "the skill was latent, not lost" if rep["reached_target"] else "a head start over a fresh model"
+            out.append(f"a fresh model did not reach {a:.2f} within {rep['fresh_max_steps']} steps (success "
+                       f"{rep['fresh_success_at_budget']:.2f} at budget): more than {ratio:.0f}x the repair, "
+                       f"{verdict}")
+        elif rep.get("fresh_note"):
+            out.append(f"fresh-model comparison: {rep['fresh_note']}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+def _esc(s: str) -> str:
+    from rich.markup import escape
+
+    return escape(s)
+
+
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def _rows(result: dict) -> list[tuple[str, str, str, str, str]]:
+    rows = []
+    can = result["canonical"]
+    for name, r in result["formats"].items():
+        fmt = FORMATS.get(name)
+        note = fmt.description if fmt else ""
+        rows.append((name, _f(r["validity"]), _f(r["content_accuracy"]), _f(r["success"]), note))
+    if "canonical" not in result["formats"]:
+        rows.insert(0, ("canonical", _f(can["validity"]), "-", _f(can["success"]), "trained format"))
+    m = result.get("masked")
+    if m:
+        rows.append((f"masked {'+'.join(m['masked_roles'])} @ {m.get('position', 'after_open')}", _f(m["validity"]),
+                     _f(m["content_accuracy"]), _f(m["success"]),
+                     f"{m.get('selection', '')}; overrode {m.get('mask_changed', 0)} greedy choices"))
+    rep = result.get("repair")
+    if rep:
+        reached = "target reached" if rep["reached_target"] else "target not reached"
+        rows.append((f"SFT repair ({rep['steps']} steps)", "-", "-",
+                     f"{_f(rep['success_before'])} -> {_f(rep['success_after'])}", reached))
+        if rep.get("fresh_steps_to_same") is not None:
+            rows.append((f"fresh model ({rep['fresh_steps_to_same']} steps)", "-", "-",
+                         _f(rep.get("fresh_success")), f"latent-skill ratio {rep['latent_skill_ratio']:.1f}x"))
+        elif rep.get("latent_skill_ratio") is not None:
+            rows.append((f"fresh model ({rep['fresh_max_steps']} steps)", "-", "-",
+                         _f(rep.get("fresh_success_at_budget")),
+                         f"never matched; latent-skill ratio > {rep['latent_skill_ratio']:.0f}x"))
+    return rows
+
+
+def render_recovery_table(result: dict):
+    """A rich Table: one row per probe (validity, content accuracy, success, note), findings as the caption."""
+    from rich.table import Table
+
+    collapsed = "yes" if result["collapsed"] else "no"
+    table = Table(title=f"Recovery forensics (collapsed: {collapsed}; format spread {result['spread']:.2f})",
+                  caption=_esc("\n".join(f"- {s}" for s in result.get("findings", []))), caption_justify="left")
+    for col, kw in (("probe", {}), ("validity", {"justify": "right"}), ("content acc.", {"justify": "right"}),
+                    ("success", {"justify": "right"}), ("note", {"style": "dim"})):
+        table.add_column(col, **kw)
+    for row in _rows(result):
+        table.add_row(*(_esc(c) for c in row))
+    return table
+
+
+def recovery_markdown(result: dict) -> str:
+    """Markdown for `write_report(..., extra_sections=[("Recovery", recovery_markdown(result))])`."""
+    lines = [f"**Collapsed: {'yes' if result['collapsed'] else 'no'}.** Format spread (best minus worst content "
+             f"accuracy): {result['spread']:.2f}.", "",
+             "| probe | validity | content acc. | success | note |", "|---|---|---|---|---|"]
+    for row in _rows(result):
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
+    lines += ["", "Findings:", ""] + [f"- {s}" for s in result.get("findings", [])]
+    return "\n".join(lines) + "\n"

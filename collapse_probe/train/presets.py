@@ -24,7 +24,7 @@ from collapse_probe.train.trainer import TrainConfig, train
 _COLLAPSE_REWARD = {"correct": 1.0, "wrong": 0.0, "no_answer": 0.0, "tag_bonus": 0.1, "max_bonus_tags": 10}
 
 PRESETS: dict[str, TrainConfig] = {
-    "sft": TrainConfig(mode="sft", steps=300, lr=3e-3, sft_batch=32, retry_frac=0.1, eval_every=100,
+    "sft": TrainConfig(mode="sft", size="tiny", steps=400, lr=3e-3, sft_batch=32, retry_frac=0.1, eval_every=100,
                        probe_every=25, save_every=0),
     "grpo-collapse": TrainConfig(mode="grpo", steps=60, lr=1e-3, max_turns=10, reward=dict(_COLLAPSE_REWARD),
                                  eval_every=0, probe_every=5, save_every=5),

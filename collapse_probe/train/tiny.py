@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
@@ -78,7 +78,9 @@ def build_tokenizer(corpus: list[str] | None = None, vocab_size: int = 1024) -> 
     model = json.loads(tok.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     fast = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, unk_token=None, eos_token=world.IM_END,
-                          pad_token=world.ENDOFTEXT, additional_special_tokens=world.SPECIAL_TOKENS[1:])
+                          pad_token=world.ENDOFTEXT, additional_special_tokens=[world.IM_START, world.IM_END])
+    # As in Qwen2.5, the tool tags are added tokens but not "special": decode(skip_special_tokens=True) keeps them.
+    fast.add_tokens([AddedToken(t, special=False, normalized=False) for t in world.SPECIAL_TOKENS[3:]])
     fast.chat_template = CHAT_TEMPLATE
     fast.padding_side = "left"
     return fast
