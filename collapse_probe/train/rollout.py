@@ -63,51 +63,74 @@ def _cache_kwarg(cls: type) -> str:
     return _CACHE_KW[cls]
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, pos
+class DecodeSession:
+    """A batch of conversations whose KV cache lives across turns.
+
+    Each turn only the new tokens (the previous turn's unfed tail, the observation, the next assistant header)
+    are prefilled; the context is never re-encoded. New segments are left-padded *inside* the sequence with
+    attention-mask holes, and rows whose episode ended are dropped from the cache.
+    """
+
+    def __init__(self, model, pad_id: int):
+        self.model, self.pad_id = model, pad_id
+        self.cache = None
+        self.mask = torch.zeros((0, 0), dtype=torch.long)
+        self.next_pos = torch.zeros(0, dtype=torch.long)
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows (indices into the current batch), in this order."""
+        idx = torch.tensor(rows, dtype=torch.long)
+        if self.cache is not None:
+            self.cache.batch_select_indices(idx)
+        self.mask, self.next_pos = self.mask[idx], self.next_pos[idx]
+
+    def feed(self, segments: list[list[int]]) -> torch.Tensor:
+        """Append one segment per row (lengths may differ); returns the last logits [rows, vocab]."""
+        n, width = len(segments), max(len(s) for s in segments)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        seg_mask = torch.zeros((n, width), dtype=torch.long)
+        for i, s in enumerate(segments):
+            if s:
+                ids[i, width - len(s):] = torch.tensor(s)
+                seg_mask[i, width - len(s):] = 1
+        if self.cache is None:
+            self.mask, self.next_pos = torch.zeros((n, 0), dtype=torch.long), torch.zeros(n, dtype=torch.long)
+        pos = self.next_pos[:, None] + (seg_mask.cumsum(-1) - 1).clamp(min=0)
+        self.mask = torch.cat([self.mask, seg_mask], dim=1)
+        logits, self.cache = model_forward(self.model, ids, self.mask, pos, self.cache)
+        self.next_pos = self.next_pos + seg_mask.sum(-1)
+        return logits[:, -1, :].float()
 
 
 @torch.no_grad()
-def decode_turn(model, contexts: list[list[int]], *, eos_id: int, pad_id: int, max_new_tokens: int,
+def decode_turn(session: DecodeSession, segments: list[list[int]], *, eos_id: int, max_new_tokens: int,
                 temperature: float = 1.0, greedy: bool = False, generator: torch.Generator | None = None,
-                logits_processor: LogitsProcessor | None = None) -> tuple[list[list[int]], list[list[float]]]:
-    """Decode one assistant turn for each context until `eos_id` (kept) or `max_new_tokens`."""
-    ids, mask, pos = _left_pad(contexts, pad_id)
-    logits, cache = model_forward(model, ids, mask, pos)
-    last = logits[:, -1, :].float()
-    n = len(contexts)
+                logits_processor: LogitsProcessor | None = None
+                ) -> tuple[list[list[int]], list[list[float]], list[list[int]]]:
+    """Feed `segments`, then decode one assistant turn per row until `eos_id` (kept) or `max_new_tokens`.
+
+    Returns (generated ids, their log-probs, unfed tail per row: sampled tokens not yet in the cache)."""
+    last = session.feed(segments)
+    n = len(segments)
     out: list[list[int]] = [[] for _ in range(n)]
     logps: list[list[float]] = [[] for _ in range(n)]
     live = torch.ones(n, dtype=torch.bool)
-    next_pos = pos[:, -1] + 1
-    for _ in range(max_new_tokens):
+    for j in range(max_new_tokens):
         if logits_processor is not None:
             last = logits_processor(out, last)
-        scaled = last / max(temperature, 1e-6)
-        logp = torch.log_softmax(scaled, dim=-1)
-        if greedy:
-            tok = logp.argmax(-1)
-        else:
-            tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+        logp = torch.log_softmax(last / max(temperature, 1e-6), dim=-1)
+        tok = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
         tok_logp = logp.gather(-1, tok[:, None]).squeeze(-1)
-        for i in torch.nonzero(live).flatten().tolist():
+        sampled = live.clone()
+        for i in torch.nonzero(sampled).flatten().tolist():
             out[i].append(int(tok[i]))
             logps[i].append(float(tok_logp[i]))
         live &= tok != eos_id
-        if not live.any():
-            break
-        mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
-        logits, cache = model_forward(model, tok[:, None], mask, next_pos[:, None], cache)
-        next_pos = next_pos + 1
-        last = logits[:, -1, :].float()
-    return out, logps
+        if not live.any() or j == max_new_tokens - 1:
+            return out, logps, [[int(tok[i])] if sampled[i] else [] for i in range(n)]
+        # Rows that finished earlier feed a masked pad; rows that sampled now feed their token.
+        last = session.feed([[int(tok[i])] if sampled[i] else [] for i in range(n)])
+    return out, logps, [[] for _ in range(n)]
 
 
 def rollout(model, tokenizer, tasks: list[world.Task], *, group_size: int = 1, max_turns: int = 8,
@@ -128,20 +151,24 @@ def rollout(model, tokenizer, tasks: list[world.Task], *, group_size: int = 1, m
             ep = world.Episode(task, max_turns=max_turns, parse=parse or world.parse_calls)
             trajs.append(Trajectory(task, ep, list(prompt), [0] * len(prompt), [0.0] * len(prompt), group=g))
     live = list(range(len(trajs)))
+    session = DecodeSession(model, pad_id)
+    pending = [list(trajs[i].ids) for i in live]  # tokens of each live row not yet in the KV cache
     while live:
-        gen, logps = decode_turn(model, [trajs[i].ids for i in live], eos_id=eos_id, pad_id=pad_id,
-                                 max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
-                                 generator=generator, logits_processor=logits_processor)
-        still = []
-        for i, toks, lps in zip(live, gen, logps):
+        gen, logps, unfed = decode_turn(session, pending, eos_id=eos_id, max_new_tokens=max_new_tokens,
+                                        temperature=temperature, greedy=greedy, generator=generator,
+                                        logits_processor=logits_processor)
+        still, still_rows, pending = [], [], []
+        for row, (i, toks, lps) in enumerate(zip(live, gen, logps)):
             t = trajs[i]
             t.ids += toks
             t.gen_mask += [1] * len(toks)
             t.old_logp += lps
+            tail = list(unfed[row])
             if not toks or toks[-1] != eos_id:  # truncated turn: close it (not the policy's token)
                 t.ids.append(eos_id)
                 t.gen_mask.append(0)
                 t.old_logp.append(0.0)
+                tail.append(eos_id)
                 toks = toks + [eos_id]
             text = tokenizer.decode(toks[:-1], skip_special_tokens=False)
             obs = t.episode.step(text)
@@ -151,7 +178,11 @@ def rollout(model, tokenizer, tasks: list[world.Task], *, group_size: int = 1, m
                 t.gen_mask += [0] * len(seg)
                 t.old_logp += [0.0] * len(seg)
                 still.append(i)
+                still_rows.append(row)
+                pending.append(tail + seg)
         live = still
+        if live:
+            session.keep(still_rows)
     for t in trajs:
         t.reward = reward(t.episode)
     model.train(was_training)
