@@ -47,12 +47,14 @@ def train(
     model: Optional[str] = typer.Option(None, help="Any local HF causal LM directory or hub name to start from (same as --init)."),
     steps: Optional[int] = typer.Option(None, help="Override the preset's number of steps."),
     lr: Optional[float] = typer.Option(None, help="Override the learning rate."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                   help="Override any TrainConfig field, e.g. --set group_size=4 --set reward.tag_bonus=0"),
 ) -> None:
     """Train with a preset: SFT from scratch, or GRPO / interleaved SFT+RL from the SFT model."""
-    from collapse_probe.train.presets import get_preset, sft_checkpoint
+    from collapse_probe.train.presets import apply_overrides, get_preset, sft_checkpoint
     from collapse_probe.train.trainer import train as run_train
 
-    cfg = get_preset(preset, seed=seed, steps=steps, lr=lr)
+    cfg = apply_overrides(get_preset(preset, seed=seed, steps=steps, lr=lr), set_)
     start = model or init
     if start is None and cfg.mode != "sft":
         err.print(f"[dim]{preset} starts from the sft model (cached after the first run)[/dim]")
@@ -316,6 +318,42 @@ class _PhaseBar:
         if self.p is not None:
             self.p.stop()
             self.p = None
+
+
+# ----------------------------------------------------------------------------------------------- demo
+@app.command()
+def demo(
+    out_dir: Path = typer.Option(Path("reports/demo"), "--out", help="Where the report, figures and JSON go."),
+    work_dir: Path = typer.Option(Path("runs/demo"), "--work", help="Where the training run is written."),
+    seed: int = typer.Option(0),
+    fast: bool = typer.Option(False, "--fast", help="Tiny budgets everywhere (for tests): no real collapse."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+) -> None:
+    """SFT -> GRPO collapse with capture on -> live detection -> recovery -> report, on the embedded default."""
+    from collapse_probe.demo import run_demo
+
+    bar = _PhaseBar()
+    try:
+        res = run_demo(out_dir, work_dir=work_dir, seed=seed, fast=fast, say=lambda m: err.print(m, highlight=False),
+                       progress_factory=_progress, phase_progress=bar)
+    finally:
+        bar.close()
+    v = res.verdict
+    summary = {"run_dir": str(res.run_dir), "report": str(res.report), "seconds": round(res.seconds, 1),
+               "first_alert_step": res.first_alert_step, **{k: v[k] for k in
+               ("collapsed", "spike_step", "breakage_step", "collapse_step", "lead_steps")}}
+    if res.recovery:
+        summary["recovery"] = {k: res.recovery.get(k) for k in ("canonical", "masked", "repair", "findings")}
+    if as_json:
+        _print_json(summary)
+        return
+    out.print(f"[bold]demo finished in {res.seconds / 60:.1f} min[/bold]")
+    out.print(f"collapsed: {v['collapsed']}  spike step: {v['spike_step']}  breakage step: {v['breakage_step']}  "
+              f"collapse step: {v['collapse_step']}  lead: {v['lead_steps']} steps  first live alert: "
+              f"step {res.first_alert_step}", highlight=False)
+    for line in (res.recovery or {}).get("findings", []):
+        out.print(f"recovery: {line}", highlight=False)
+    out.print(f"report: {res.report}", highlight=False)
 
 
 def main() -> None:

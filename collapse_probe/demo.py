@@ -31,7 +31,8 @@ class DemoResult:
 
 
 def run_demo(out_dir: str | Path = "reports/demo", *, work_dir: str | Path = "runs/demo", seed: int = 0,
-             fast: bool = False, say: Say = print, progress_factory=None, skip_recovery: bool = False) -> DemoResult:
+             fast: bool = False, say: Say = print, progress_factory=None, phase_progress=None,
+             skip_recovery: bool = False) -> DemoResult:
     t0 = time.time()
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -39,7 +40,7 @@ def run_demo(out_dir: str | Path = "reports/demo", *, work_dir: str | Path = "ru
 
     # 1. SFT: from scratch to a competent tool user (cached across runs).
     sft_steps = 30 if fast else None
-    with bar("1/4 sft (cached after first use)", sft_steps or get_preset("sft").steps) as b:
+    with bar("sft (cached after first use)", sft_steps or get_preset("sft").steps) as b:
         init = sft_checkpoint(progress=b, steps=sft_steps)
     say(f"sft model: {init}")
 
@@ -55,7 +56,7 @@ def run_demo(out_dir: str | Path = "reports/demo", *, work_dir: str | Path = "ru
     monitor = OnlineMonitor()
     first_alert: list[int] = []
 
-    with bar(f"2/4 grpo-collapse seed {seed}", cfg.steps) as b:
+    with bar(f"grpo-collapse seed {seed}", cfg.steps) as b:
         def on_step(step: int, rec: dict) -> None:
             b(step, rec)
             for ev in monitor.update(rec):
@@ -73,16 +74,14 @@ def run_demo(out_dir: str | Path = "reports/demo", *, work_dir: str | Path = "ru
     sections: list[tuple[str, str]] = []
     if not skip_recovery:
         from collapse_probe.recover import recovery_markdown, run_recovery
-        with bar("3/4 recovery", 4) as b:
-            recovery = run_recovery(last_ckpt, n=8 if fast else 32, repair_steps=4 if fast else 50,
-                                    fresh_max_steps=8 if fast else 300, progress=lambda i, name: b(i, {}))
+        say("recovery forensics on the last checkpoint (format grid, masked decoding, SFT repair)")
+        recovery = run_recovery(last_ckpt, n=8 if fast else 32, repair_steps=4 if fast else 50,
+                                fresh_max_steps=8 if fast else 300, progress=phase_progress)
         sections.append(("Recovery", recovery_markdown(recovery)))
         (out_dir / "recovery.json").write_text(json.dumps(recovery, indent=2, default=str))
 
     from collapse_probe.report import write_report
-    with bar("4/4 report", 1) as b:
-        report = write_report(run_dir, out_dir, verdict=verdict, extra_sections=sections)
-        b(0, {})
+    report = write_report(run_dir, out_dir, verdict=verdict, extra_sections=sections)
     (out_dir / "verdict.json").write_text(json.dumps(verdict.to_dict(), indent=2, default=str))
     return DemoResult(run_dir, report, verdict.to_dict(), first_alert[0] if first_alert else None, recovery,
                       time.time() - t0)

@@ -119,6 +119,20 @@ def test_validity_is_syntax_specific():
     assert not get_format("canonical").validity("chatter " + canonical_call)
 
 
+def test_content_is_scored_per_call_against_the_oracle():
+    task = world.task_split("eval", 1, offset=3)[0]
+    (t0, a0, _), (t1, a1, _) = task.oracle_calls()[:2]
+    py = get_format("python_list")
+    wrong = py.render(t1, {k: "nobody" for k in a1})
+    turns = [py.render(t0, a0), wrong, py.render(t1, a1), "<tool_call>"]
+    c = score_episode(py, task, turns, success=False)
+    assert (c["matched_calls"], c["attempted_calls"], c["valid_turns"], c["turns"]) == (2, 3, 3, 4)
+    assert c["oracle_steps"] == len(task.chain) and c["answer_correct"] == 0
+    # a model that ignores the requested syntax: its content shows only in the any-syntax count
+    c = score_episode(py, task, [world.render_call(t0, a0)], success=False)
+    assert c["matched_calls"] == 0 and c["matched_any_syntax"] == 1 and c["canonical_turns"] == 1
+
+
 def test_reworded_and_renamed_tools_content():
     assert set(PARAPHRASES) >= set(world.TASK_KINDS)
     fmt = get_format("reworded")

@@ -45,6 +45,28 @@ def get_preset(name: str, **overrides) -> TrainConfig:
     return cfg
 
 
+def apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
+    """Apply KEY=VALUE strings (`reward.tag_bonus=0` reaches into the reward dict); values parse as JSON."""
+    import json
+
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set group_size=4")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if key.startswith("reward."):
+            cfg.reward = {**cfg.reward, key[7:]: value}
+        elif key in fields:
+            setattr(cfg, key, value)
+        else:
+            raise UserError(f"--set {item!r}: unknown field {key!r}; fields are {', '.join(fields)}")
+    return cfg
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("COLLAPSE_PROBE_CACHE", Path.home() / ".cache" / "collapse-probe"))
 
