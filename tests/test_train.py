@@ -48,11 +48,20 @@ def test_later_arguments_depend_on_earlier_observations():
         assert next(iter(args.values())) == next(iter(obs.values()))
 
 
+@pytest.mark.parametrize("turn", [
+    "<tool_call>\n{\"name\": \"find_user\"",
+    "<tool_call>\n{name: find_user}\n</tool_call>",
+    "<tool_call>\n<tool_call>\n{\"name\": \"find_user\", \"arguments\": {\"name\": \"x\"}}\n</tool_call>",
+    "<tool_call>\n[1, 2]\n</tool_call>",
+])
+def test_unparseable_call_ends_the_episode(turn):
+    ep = world.Episode(world.make_task(1), max_turns=4)
+    assert ep.step(turn) is None and ep.done and not ep.success and ep.n_errors == 1
+    assert world.Episode(world.make_task(1), end_on_malformed=False).step(turn) is not None
+
+
 @pytest.mark.parametrize("turn, error", [
     ("<tool_call>\n", "empty tool call"),
-    ("<tool_call>\n{\"name\": \"find_user\"", "tool call is not closed"),
-    ("<tool_call>\n{name: find_user}\n</tool_call>", "tool call is not valid JSON"),
-    ("<tool_call>\n[1, 2]\n</tool_call>", "tool call needs a string 'name' and an object 'arguments'"),
     ("<tool_call>\n{\"name\": \"rm_rf\", \"arguments\": {}}\n</tool_call>", "unknown tool 'rm_rf'"),
     ("<tool_call>\n{\"name\": \"get_city\", \"arguments\": {\"city\": \"x\"}}\n</tool_call>", "takes one string argument"),
     ("<tool_call>\n{\"name\": \"__import__('os').system('true')\", \"arguments\": {}}\n</tool_call>", "unknown tool"),

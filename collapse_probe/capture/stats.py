@@ -59,9 +59,12 @@ def position_stats(scores: torch.Tensor, ids: torch.Tensor, positions: dict[str,
     `scores` is [N, T, V]: log-probs (`is_logp=True`, e.g. the loss's log_softmax) or raw logits. Only the
     M decision rows are read. `advantages` [N] adds the advantage-weighted push adv * (1[k=sampled] - p_k) on
     each role's logit, split into the part from samples that chose k and the part from those that did not.
+    All values are gathered into one tensor and copied to the host once (one device sync per call).
     """
     roles = sorted(role_ids)
     cols = torch.tensor([role_ids[r] for r in roles], dtype=torch.long, device=scores.device)
+    keys: list[str] = []
+    vals: list[torch.Tensor] = []
     rec: dict[str, float] = {}
     for kind, (r, c) in positions.items():
         m = int(r.numel())
@@ -71,18 +74,19 @@ def position_stats(scores: torch.Tensor, ids: torch.Tensor, positions: dict[str,
         rows = scores[r, c].float()  # [M, V]: only decision rows, a small slice
         logp_rows = rows if is_logp else rows - torch.logsumexp(rows, dim=-1, keepdim=True)
         p = logp_rows.index_select(-1, cols).exp()  # [M, K]
-        ent = -(logp_rows.exp() * logp_rows).sum(-1)
-        rec[f"cp/{source}/{kind}/entropy"] = float(ent.mean())
-        for j, role in enumerate(roles):
-            rec[f"cp/{source}/{kind}/{role}"] = float(p[:, j].mean())
+        keys.append(f"cp/{source}/{kind}/entropy")
+        vals.append(-(logp_rows.exp() * logp_rows).sum(-1).mean()[None])
+        keys += [f"cp/{source}/{kind}/{role}" for role in roles]
+        vals.append(p.mean(0))
         if advantages is not None:
             sampled = ids[r, c + 1]
-            adv = advantages[r].float()[:, None]
+            adv = advantages.to(scores.device)[r].float()[:, None]
             chose = (sampled[:, None] == cols[None, :]).float()
             push = adv * (chose - p)
-            for j, role in enumerate(roles):
-                rec[f"gp/{kind}/{role}/chosen"] = float((push[:, j] * chose[:, j]).sum() / m)
-                rec[f"gp/{kind}/{role}/other"] = float((push[:, j] * (1 - chose[:, j])).sum() / m)
+            keys += [f"gp/{kind}/{role}/chosen" for role in roles] + [f"gp/{kind}/{role}/other" for role in roles]
+            vals += [(push * chose).sum(0) / m, (push * (1 - chose)).sum(0) / m]
+    if vals:
+        rec.update(zip(keys, torch.cat(vals).tolist()))
     return rec
 
 

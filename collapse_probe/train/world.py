@@ -15,8 +15,9 @@ the question, the JSON arguments, the observations and the answer: copying is wh
 
 Conversations follow ChatML with the Qwen/Hermes tool convention: tools listed in the system prompt, calls as
 `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, results in a user turn as `<tool_response>`.
-Calls are parsed with `json` only. A malformed call, an unknown tool or a bad argument yields an error
-observation (the episode goes on); running out of turns ends it.
+Calls are parsed with `json` only. An empty call (`<tool_call>` and nothing in it), an unknown tool or a bad
+argument yields an error observation and the episode goes on; a call body that is not a valid call (broken JSON,
+an unclosed tag) ends the episode, as does running out of turns.
 """
 
 from __future__ import annotations
@@ -181,18 +182,22 @@ class Episode:
     n_tags: int = 0
     n_errors: int = 0
     parse: Callable[[str], tuple[list[dict], str | None]] = parse_calls  # swap for other call syntaxes
+    end_on_malformed: bool = True  # a call body that cannot be parsed ends the episode; an empty call does not
 
     def step(self, text: str) -> str | None:
         """Apply one assistant turn (special tokens removed except tool tags). Returns the observation text
         for the next user turn, or None when the episode is over."""
         self.turns.append(text)
-        self.n_tags += text.count(TOOL_OPEN)
+        self.n_tags += TOOL_OPEN in text  # turns that open a call: repeating the tag in one turn pays nothing
         calls, error = self.parse(text)
         if error is None and not calls:  # a plain response ends the episode
             self.done, self.final_answer = True, text
             return None
         if error is not None:
             self.n_errors += 1
+            if self.end_on_malformed and error != "empty tool call":
+                self.done = True  # the environment cannot tell what was meant
+                return None
             results = [{"error": error}]
         else:
             self.n_calls += len(calls)
@@ -215,8 +220,9 @@ class Episode:
 class RewardSpec:
     """Outcome reward plus an optional per-tag format bonus.
 
-    `tag_bonus > 0` pays for every `<tool_call>` tag the policy emits, whether or not a call follows: a
-    format reward of the kind used in practice, and the lever that lets GRPO find the bare-tag shortcut.
+    `tag_bonus > 0` pays for every assistant turn that opens a `<tool_call>`, whether or not a call follows: a
+    format reward of the kind used in practice, and the lever that lets GRPO find the bare-tag shortcut (a
+    turn that is only `<tool_call>` then end-of-turn is the cheapest way to collect it).
     """
 
     correct: float = 1.0
