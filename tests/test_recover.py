@@ -222,7 +222,10 @@ def test_evaluate_and_masked_shapes(tiny_ckpt):
     assert m["masked_roles"] == ["end_of_turn"] and m["selection"] == "given" and m["position"] == "after_open"
     assert {"validity", "success", "content_accuracy", "mask_applied", "mask_changed"} <= set(m)
     auto = masked_eval(model, tok, None, n=1, max_turns=1, probe={"cp/probe/after_open/tool_open": 0.3})
-    assert auto["masked_roles"] == ["tool_open"] and auto["selection"] == "auto"
+    assert auto["masked_roles"] == ["tool_open"] and auto["selection"] == "auto" and "per_role" not in auto
+    two = masked_eval(model, tok, None, n=1, max_turns=1, probe={"cp/probe/after_open/tool_open": 0.3,
+                                                                 "cp/probe/after_open/end_of_turn": 0.6})
+    assert two["masked_roles"] == ["end_of_turn", "tool_open"] and set(two["per_role"]) == set(two["masked_roles"])
     with pytest.raises(UserError):
         masked_eval(model, tok, ("no_such_role",), n=1, max_turns=1)
 
@@ -289,6 +292,10 @@ def test_findings_name_the_probe_that_found_the_skill():
     text = "\n".join(findings(res))
     assert "masking end_of_turn after <tool_call> restored 0.84 success" in text and "one token" in text
     assert "python_list 0.80" in text and "damage spread" not in text
+    res["masked"] = {**res["masked"], "masked_roles": ["end_of_turn", "tool_open"], "per_role": {
+        "end_of_turn": {"validity": 0.9, "success": 0.8, "content_accuracy": 0.85, "mask_changed": 20},
+        "tool_open": {"validity": 0.1, "success": 0.0, "content_accuracy": 0.0, "mask_changed": 5}}}
+    assert "hidden by one token (end_of_turn masked alone gives success 0.80" in "\n".join(findings(res))
     # a mask that never fired restores nothing, and a healthy model has nothing hidden
     res["masked"]["mask_changed"] = 0
     res["formats"]["python_list"]["content_accuracy"] = 0.1

@@ -202,7 +202,16 @@ def findings(result: dict, *, canonical_content: float | None = None,
                        f"there (success {m['success']:.2f})")
         elif m["content_accuracy"] >= SKILL_THRESHOLD and hidden:
             masked_found = True
-            tokens = "one token" if len(m["masked_roles"]) == 1 else f"{len(m['masked_roles'])} tokens"
+            alone = {r: v for r, v in (m.get("per_role") or {}).items() if v["content_accuracy"] >= SKILL_THRESHOLD}
+            if len(m["masked_roles"]) == 1:
+                tokens = "one token"
+            elif alone:
+                best = max(alone, key=lambda r: alone[r]["success"])
+                tokens = (f"one token ({best} masked alone gives success {alone[best]['success']:.2f}, content "
+                          f"accuracy {alone[best]['content_accuracy']:.2f})")
+            else:
+                tokens = f"{len(m['masked_roles'])} tokens together (none alone is enough)" if m.get("per_role") \
+                    else f"{len(m['masked_roles'])} tokens"
             out.append(f"masking {roles} {where} restored {m['success']:.2f} success (content accuracy "
                        f"{m['content_accuracy']:.2f}, {changed} greedy choices overridden): the skill was hidden by "
                        f"{tokens}")

@@ -133,14 +133,15 @@ def spiking_roles(roles: ControlTokens, *, probe: dict[str, float] | None = None
 def masked_eval(model, tok, roles_to_mask: Sequence[str] | None = None, position: str = "after_open",
                 n: int = 32, *, max_turns: int = 8, fmt="canonical", threshold: float = SPIKE_THRESHOLD,
                 probe: dict[str, float] | None = None, onpolicy: dict[str, dict[str, float]] | None = None,
-                roles: ControlTokens | None = None) -> dict:
+                roles: ControlTokens | None = None, per_role: bool = True) -> dict:
     """Greedy canonical evaluation with the spiking control tokens forbidden at `position`.
 
     `roles_to_mask` None picks them automatically (see `spiking_roles`; the probe set is scored here unless
     `probe` scores are passed, and on-policy numbers are used when `onpolicy` is passed); when nothing
     spikes, end_of_turn (the paper's token) is masked. Returns validity, success, content_accuracy,
     masked_roles, and how often the mask fired (`mask_applied`) and overrode the greedy choice
-    (`mask_changed`)."""
+    (`mask_changed`). With several roles masked and `per_role`, each role is also masked alone (`per_role`:
+    {role: {validity, success, content_accuracy}}), to tell which token hid the skill."""
     from collapse_probe.recover.evaluate import evaluate_format
 
     roles = roles or resolve_control_tokens(tok)
@@ -160,10 +161,21 @@ def masked_eval(model, tok, roles_to_mask: Sequence[str] | None = None, position
     if unknown:
         raise UserError(f"cannot mask {', '.join(unknown)}: not a single control token in this tokenizer "
                         f"(resolved roles: {', '.join(sorted(roles.ids))})")
-    proc = ForbidTokens([roles.ids[r] for r in masked], open_id=roles.ids["tool_open"],
-                        newline_id=roles.ids.get("newline"), close_id=roles.ids.get("tool_close"), position=position)
-    res = evaluate_format(model, tok, fmt, n=n, max_turns=max_turns, logits_processor=proc)
-    return {"validity": res["validity"], "success": res["success"], "content_accuracy": res["content_accuracy"],
-            "masked_roles": list(masked), "masked_ids": [roles.ids[r] for r in masked], "position": position,
-            "selection": selection, "role_p": role_p, "mask_applied": proc.applied, "mask_changed": proc.changed,
-            "calls_per_episode": res["calls_per_episode"], "n": res["n"]}
+    def run(names):
+        proc = ForbidTokens([roles.ids[r] for r in names], open_id=roles.ids["tool_open"],
+                            newline_id=roles.ids.get("newline"), close_id=roles.ids.get("tool_close"),
+                            position=position)
+        return evaluate_format(model, tok, fmt, n=n, max_turns=max_turns, logits_processor=proc), proc
+
+    res, proc = run(masked)
+    out = {"validity": res["validity"], "success": res["success"], "content_accuracy": res["content_accuracy"],
+           "masked_roles": list(masked), "masked_ids": [roles.ids[r] for r in masked], "position": position,
+           "selection": selection, "role_p": role_p, "mask_applied": proc.applied, "mask_changed": proc.changed,
+           "calls_per_episode": res["calls_per_episode"], "n": res["n"]}
+    if per_role and len(masked) > 1:
+        out["per_role"] = {}
+        for r in masked:
+            one, p1 = run([r])
+            out["per_role"][r] = {"validity": one["validity"], "success": one["success"],
+                                  "content_accuracy": one["content_accuracy"], "mask_changed": p1.changed}
+    return out
