@@ -1,10 +1,11 @@
 """Named training presets that make the phenomenon reproducible on a CPU.
 
     sft            from scratch to a competent tool user (oracle data, a few "empty call -> retry" traces)
-    grpo-collapse  GRPO from the SFT model with a per-tag format bonus and a harsh learning rate: the
-                   end-of-turn token after `<tool_call>` spikes, turns become a bare tag, success falls
-    grpo-stable    same start and reward, gentle learning rate and a KL anchor: no collapse
-    interleaved    grpo-collapse's settings plus one SFT step on failed prompts every 2 RL steps: no collapse
+    grpo-collapse  GRPO from the SFT model with a per-turn format bonus for opening a tool call and a high
+                   learning rate: the end-of-turn token after `<tool_call>\\n` spikes, turns become a bare tag,
+                   success falls
+    grpo-stable    same start, outcome-only reward (as in the paper), gentler learning rate, KL anchor
+    interleaved    grpo-collapse's settings plus one SFT step on failed prompts every 2 RL steps
 
 The RL presets start from the `sft` result: trained on first use and cached (keyed by the SFT config), or
 `--init DIR`.
@@ -21,17 +22,20 @@ from typing import Callable
 from collapse_probe.errors import UserError
 from collapse_probe.train.trainer import TrainConfig, train
 
-_COLLAPSE_REWARD = {"correct": 1.0, "wrong": 0.0, "no_answer": 0.0, "tag_bonus": 0.1, "max_bonus_tags": 10}
+# Outcome reward plus a per-turn format bonus for opening a tool call: a turn that is only `<tool_call>` then
+# end-of-turn collects the bonus and gets an error observation, so GRPO can farm it (the bare-tag shortcut).
+_BONUS_REWARD = {"correct": 1.0, "wrong": 0.0, "no_answer": 0.0, "tag_bonus": 0.5, "max_bonus_tags": 12}
+_OUTCOME_REWARD = {"correct": 1.0, "wrong": 0.0, "no_answer": 0.0, "tag_bonus": 0.0, "max_bonus_tags": 12}
+_RL = dict(steps=40, max_turns=12, eval_every=0, probe_every=5, save_every=5)
 
 PRESETS: dict[str, TrainConfig] = {
-    "sft": TrainConfig(mode="sft", size="tiny", steps=400, lr=3e-3, sft_batch=32, retry_frac=0.1, eval_every=100,
+    "sft": TrainConfig(mode="sft", size="tiny", steps=500, lr=3e-3, lr_schedule="cosine", sft_batch=32,
+                       retry_frac=0.1, eval_every=100,
                        probe_every=25, save_every=0),
-    "grpo-collapse": TrainConfig(mode="grpo", steps=60, lr=1e-3, max_turns=10, reward=dict(_COLLAPSE_REWARD),
-                                 eval_every=0, probe_every=5, save_every=5),
-    "grpo-stable": TrainConfig(mode="grpo", steps=60, lr=1e-4, kl_coef=0.05, max_turns=10,
-                               reward=dict(_COLLAPSE_REWARD), eval_every=0, probe_every=5, save_every=5),
-    "interleaved": TrainConfig(mode="interleaved", steps=60, lr=1e-3, max_turns=10, reward=dict(_COLLAPSE_REWARD),
-                               sft_every=2, sft_steps=1, sft_lr=1e-3, eval_every=0, probe_every=5, save_every=5),
+    "grpo-collapse": TrainConfig(mode="grpo", lr=5e-4, reward=dict(_BONUS_REWARD), **_RL),
+    "grpo-stable": TrainConfig(mode="grpo", lr=2e-4, kl_coef=0.05, reward=dict(_OUTCOME_REWARD), **_RL),
+    "interleaved": TrainConfig(mode="interleaved", lr=5e-4, reward=dict(_BONUS_REWARD), sft_every=2, sft_steps=1,
+                               sft_lr=5e-4, **_RL),
 }
 
 

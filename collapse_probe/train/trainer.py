@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ class TrainConfig:
     init: str | None = None  # a checkpoint dir to start from (grpo/interleaved) or None: build the tiny model
     size: str = "small"  # tiny model size when built from scratch
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # "constant" | "cosine" (to 10% of lr at the last step)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     threads: int = 2
@@ -99,6 +101,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dic
             rec["time/step_s"] = time.time() - t0
             log.append(rec)
             break
+        if cfg.lr_schedule == "cosine":
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(cfg.steps, 1))))
         if cfg.mode == "sft":
             tasks = world.task_split("train", cfg.sft_batch, offset=task_offset + step * cfg.sft_batch)
             rec.update(_sft_step(model, opt, tok, tasks, cfg, rng))
@@ -117,7 +122,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dic
             opt.step()
             rec.update(out_loss.metrics)
             rec.update(_rollout_metrics(trajs, tok, spec))
-            rec.update({"phase": "rl", "loss": float(out_loss.loss.detach()), "grad_norm": float(gn), "lr": cfg.lr})
+            rec.update({"phase": "rl", "loss": float(out_loss.loss.detach()), "grad_norm": float(gn),
+                        "lr": opt.param_groups[0]["lr"]})
             failed = ([t.task for t in trajs if not t.success] + failed)[:64]
             if cfg.log_rollouts:
                 rlog.write(step, [_rollout_row(t, tok, step) for t in trajs[: cfg.log_rollouts]])
@@ -146,6 +152,7 @@ def _load(cfg: TrainConfig):
 def _sft_step(model, opt, tok, tasks, cfg: TrainConfig, rng: random.Random, lr: float | None = None) -> dict:
     seqs, masks = sft.oracle_batch(tok, tasks, retry_frac=cfg.retry_frac, rng=rng)
     batch = sft.collate(seqs, masks, tok.pad_token_id)
+    previous = opt.param_groups[0]["lr"]
     if lr is not None:
         for g in opt.param_groups:
             g["lr"] = lr
@@ -153,11 +160,12 @@ def _sft_step(model, opt, tok, tasks, cfg: TrainConfig, rng: random.Random, lr: 
     opt.zero_grad(set_to_none=True)
     loss.backward()
     gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    used = opt.param_groups[0]["lr"]
     opt.step()
     if lr is not None:
         for g in opt.param_groups:
-            g["lr"] = cfg.lr
-    return {"phase": "sft", "loss": float(loss.detach()), "grad_norm": float(gn), "lr": lr or cfg.lr}
+            g["lr"] = previous
+    return {"phase": "sft", "loss": float(loss.detach()), "grad_norm": float(gn), "lr": used}
 
 
 def _interleave(model, opt, tok, failed: list[world.Task], cfg: TrainConfig, rng: random.Random) -> dict:
