@@ -4,8 +4,9 @@ CPU (default): our GRPO step (forward, log-softmax, clipped loss, backward, Adam
 batch of 64 real multi-turn rollouts; capture reads the log-softmax the loss already computed.
 
 GPU (`--device cuda`): a random-init Qwen2.5-1.5B-shaped model (or `--shape 0.5b`), bf16, batch 8 x 1024,
-forward + selective log-softmax loss + backward; capture reads only the decision rows of the logits
-(`ControlTokenCapture.stats_from_logits`), as a hook in someone else's trainer would.
+forward + selective log-softmax loss + backward; capture is `ControlTokenCapture` attached as a forward hook,
+as in someone else's trainer: it reads only the decision rows of the logits, stays asynchronous on the GPU, and
+syncs once per step when `pop()` hands the numbers to the logger.
 
 Runs alternate (off, on, off, on, ...) so drift hits both equally; the overhead is the ratio of medians.
 
@@ -79,21 +80,24 @@ def gpu_case(shape: str, batch: int, seq: int):
     roles = ControlTokens(ids={"tool_open": 151657, "tool_close": 151658, "end_of_turn": 151645, "eos": 151643,
                                "turn_start": 151644, "json_open": 4913, "json_close": 3417, "newline": 198},
                           strings={}, unresolved={}, source={})
-    capture = ControlTokenCapture(roles)
+    capture = ControlTokenCapture(roles).attach(model)  # the forward hook a user's trainer would carry
     adv = torch.randn(batch, device="cuda")
 
     def step(capture_on: bool) -> float:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
+        if capture_on:
+            capture.set_batch(ids, gen, advantages=adv)
         logits = model(input_ids=ids).logits[:, :-1]
         # TRL-style selective log-softmax: logsumexp per row, gather the sampled token.
         lse = torch.logsumexp(logits.float(), dim=-1)
         tok_logp = logits.gather(-1, ids[:, 1:, None]).squeeze(-1).float() - lse
         loss = -(tok_logp * adv[:, None] * gen[:, 1:]).sum() / gen.sum()
-        if capture_on:
-            capture.add(capture.stats_from_logits(logits.detach(), ids, gen, advantages=adv))
         loss.backward()
         model.zero_grad(set_to_none=True)
+        if capture_on:
+            stats = capture.pop()  # once per step, at logging time: the only host sync capture adds
+            assert stats.get("cp/rollout/after_open/count", 0) > 0
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 

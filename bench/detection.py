@@ -24,10 +24,11 @@ from pathlib import Path
 
 # name: (preset, {overrides}); seeds are crossed with these.
 CORPUS = {
-    "collapse-lr3e-4": ("grpo-collapse", {"lr": 3e-4}),
-    "collapse-lr5e-4": ("grpo-collapse", {"lr": 5e-4}),
+    "collapse": ("grpo-collapse", {}),  # the preset (lr 5e-4)
     "stable": ("grpo-stable", {}),
     "interleaved": ("interleaved", {}),
+    "collapse-lr3e-4": ("grpo-collapse", {"lr": 3e-4}),
+    "stable-lr5e-4": ("grpo-stable", {"lr": 5e-4}),
 }
 SEEDS = (0, 1, 2, 3, 4)
 KIND_NAMES = {"control_spike": "control_token (ours)", "format_breakage": "format_breakage (ours)",
@@ -35,7 +36,7 @@ KIND_NAMES = {"control_spike": "control_token (ours)", "format_breakage": "forma
               "grad_norm_spike": "grad_norm_spike (KillLossSpike)", "validity_drop": "validity_drop"}
 
 
-def train_missing(corpus: Path, names: list[str], seeds: tuple[int, ...], steps: int | None) -> None:
+def train_missing(corpus: Path, names: list[str], seeds: tuple[int, ...], steps: int | None, threads: int) -> None:
     from collapse_probe.runlog import read_records
     from collapse_probe.train.presets import get_preset, sft_checkpoint
     from collapse_probe.train.trainer import train
@@ -46,7 +47,7 @@ def train_missing(corpus: Path, names: list[str], seeds: tuple[int, ...], steps:
         for seed in seeds:
             run = corpus / f"{name}-s{seed}"
             cfg = get_preset(preset, seed=seed, init=init, steps=steps, **overrides)
-            cfg.save_every, cfg.log_rollouts = 0, 2
+            cfg.save_every, cfg.log_rollouts, cfg.threads = 0, 2, threads
             if run.exists():
                 recs = read_records(run, warn=False)
                 if recs and recs[-1]["step"] >= cfg.steps:
@@ -96,12 +97,14 @@ def main() -> None:
     ap.add_argument("--runs", default=",".join(CORPUS), help="comma-separated corpus entries")
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     ap.add_argument("--steps", type=int, default=None, help="override steps per run")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     args.corpus.mkdir(parents=True, exist_ok=True)
     if not args.no_train:
-        train_missing(args.corpus, args.runs.split(","), tuple(int(s) for s in args.seeds.split(",")), args.steps)
+        train_missing(args.corpus, args.runs.split(","), tuple(int(s) for s in args.seeds.split(",")), args.steps,
+                      args.threads)
     result = score(args.corpus)
     if args.json:
         print(json.dumps(result))

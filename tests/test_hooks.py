@@ -254,3 +254,28 @@ def test_custom_loop_example(tmp_path):
     for r in recs[1:]:
         assert math.isfinite(r["loss"]) and 0 <= r["reward/mean"] <= 1
         assert r["cp/rollout/turn_start/count"] == 16  # one generated turn per sample, read by the hook
+
+
+def test_deferred_stats_match_the_synchronous_ones():
+    """The accelerator path (no host sync until resolve) computes the same numbers as position_stats."""
+    import torch
+
+    from collapse_probe.capture.stats import decision_positions, position_stats, position_stats_deferred
+
+    torch.manual_seed(0)
+    role_ids = {"tool_open": 5, "newline": 6, "json_open": 7, "end_of_turn": 8, "tool_close": 9}
+    ids = torch.randint(10, 40, (3, 30))
+    for row in range(3):
+        ids[row, 4:7] = torch.tensor([5, 6, 7])
+        ids[row, 15:18] = torch.tensor([5, 6, 8])
+    gen = torch.zeros_like(ids)
+    gen[:, 3:] = 1
+    logits = torch.randn(3, 30, 40)
+    adv = torch.tensor([1.0, -0.5, 0.2])
+    want = position_stats(logits, ids, decision_positions(ids, gen, role_ids), role_ids, is_logp=False,
+                          source="rollout", advantages=adv)
+    got = position_stats_deferred(logits, ids, gen, role_ids, is_logp=False, source="rollout",
+                                  advantages=adv).resolve()
+    assert set(got) == set(want)
+    for k in want:
+        assert abs(got[k] - want[k]) < 1e-5, k

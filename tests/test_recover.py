@@ -301,6 +301,9 @@ def test_findings_name_the_probe_that_found_the_skill():
     res["formats"]["python_list"]["content_accuracy"] = 0.1
     text = "\n".join(findings(res))
     assert "changed no greedy decision" in text and "damage spread beyond one token" in text
+    assert "not in a control-token spike" not in text
+    res["canonical"] = {"validity": 1.0, "success": 0.0}
+    assert "not in a control-token spike" in "\n".join(findings(res))
     healthy = {**res, "collapsed": False, "canonical": {"validity": 1.0, "success": 0.9},
                "formats": {"canonical": {"validity": 1.0, "content_accuracy": 0.92, "success": 0.9},
                            "xml": {"validity": 0.0, "content_accuracy": 0.0, "success": 0.0}}}

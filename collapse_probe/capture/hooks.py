@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from collapse_probe.capture.stats import decision_positions, position_stats
+from collapse_probe.capture.stats import decision_positions, position_stats, position_stats_deferred
 from collapse_probe.errors import UserError
 from collapse_probe.tokens import ControlTokens, resolve_control_tokens
 
@@ -82,6 +82,7 @@ class ControlTokenCapture:
         self._handle: Any = None
         self._sums: dict[str, float] = {}
         self._weights: dict[str, float] = {}
+        self._pending: list = []  # (DeferredStats, source) still on the accelerator
         self._warned: set[str] = set()
         self.skipped = 0  # forwards that did not match the batch set with set_batch
 
@@ -148,6 +149,9 @@ class ControlTokenCapture:
     def pop(self) -> dict[str, float]:
         """Means over the micro-batches seen since the last pop (each weighted by its number of decision
         positions), counts summed; then reset. Empty when nothing was captured."""
+        pending, self._pending = self._pending, []
+        for deferred, source in pending:
+            self.add(deferred.resolve(), source)
         out = {k: (v / self._weights[k] if k in self._weights else v) for k, v in self._sums.items()}
         self._sums, self._weights = {}, {}
         return dict(sorted(out.items()))
@@ -164,6 +168,14 @@ class ControlTokenCapture:
                 return None
             self._batch = None
             with torch.no_grad():
+                if logits.device.type != "cpu" and not self.entropy:
+                    # On an accelerator: stay asynchronous; pop() copies the numbers over once per step.
+                    ids, gen = batch.input_ids.to(logits.device), batch.gen_mask.to(logits.device)
+                    adv = batch.advantages.to(logits.device) if batch.advantages is not None else None
+                    self._pending.append((position_stats_deferred(
+                        logits.detach(), ids, gen, self.role_ids, is_logp=False, source=batch.source,
+                        advantages=adv), batch.source))
+                    return None
                 rec = self._stats(logits.detach(), batch.input_ids, batch.gen_mask, batch.advantages,
                                   batch.source, is_logp=False)
             self.add(rec, batch.source)

@@ -167,6 +167,9 @@ def findings(result: dict, *, canonical_content: float | None = None,
     state = "collapsed" if collapsed else "not collapsed"
     out.append(f"{state}: canonical greedy success {can['success']:.2f}, {can['validity']:.0%} of assistant turns "
                "well-formed" + (f", content accuracy {canonical_content:.2f}" if canonical_content is not None else ""))
+    if collapsed and can["validity"] >= 0.8:
+        out.append(f"the turns stay well-formed ({can['validity']:.0%}) while success is gone: this collapse lives in "
+                   "the content (wrong or repeated calls), not in a control-token spike")
     others = {k: v for k, v in fmts.items() if k != "canonical"}
     found = {k: v for k, v in others.items() if v["content_accuracy"] >= SKILL_THRESHOLD}
     missed = {k: v for k, v in others.items() if v["content_accuracy"] < SKILL_THRESHOLD}
