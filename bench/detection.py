@@ -94,7 +94,8 @@ def score(corpus: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", type=Path, default=Path("runs/detection"))
-    ap.add_argument("--runs", default=",".join(CORPUS), help="comma-separated corpus entries")
+    ap.add_argument("--runs", default="collapse,stable,interleaved,collapse-lr3e-4",
+                    help=f"comma-separated corpus entries from: {', '.join(CORPUS)}")
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     ap.add_argument("--steps", type=int, default=None, help="override steps per run")
     ap.add_argument("--threads", type=int, default=2)

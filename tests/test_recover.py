@@ -352,12 +352,17 @@ def test_cli_recover_bad_inputs_one_line_exit_1(tiny_ckpt, tmp_path):
     (tmp_path / "noweights" / "config.json").write_text(model.config.to_json_string())
     (tmp_path / "file.txt").write_text("x")
     badtok = str(_bad_tokenizer_ckpt(tmp_path / "badtok", model))
+    run = tmp_path / "run"  # a run directory: the trainer's config.json, checkpoints below
+    (run / "checkpoint-5").mkdir(parents=True)
+    (run / "checkpoint-5" / "config.json").write_text("{}")
+    (run / "config.json").write_text('{"mode": "grpo"}')
     cases = {
         "missing": [str(tmp_path / "missing")],
         "not a dir": [str(tmp_path / "file.txt")],
         "empty": [str(tmp_path / "empty")],
         "no weights": [str(tmp_path / "noweights")],
         "no control tokens": [badtok],
+        "run dir": [str(run)],
         "unknown format": [str(good), "--formats", "canonical,yaml"],
         "bad n": [str(good), "-n", "0"],
     }
@@ -384,6 +389,7 @@ def test_cli_recover_bad_inputs_one_line_exit_1(tiny_ckpt, tmp_path):
     assert "yaml" in errs["unknown format"] and "python_list" in errs["unknown format"]
     assert "<tool_call>" in errs["no control tokens"] and errs["direct"] == errs["no control tokens"]
     assert "config.json" in errs["empty"] and "safetensors" in errs["no weights"]
+    assert "run directory" in errs["run dir"] and "checkpoint-5" in errs["run dir"]
     assert ok.returncode == 0, ok.stderr
     res = json.loads(ok.stdout)
     assert list(res["formats"]) == ["canonical", "xml"] and res["repair"] is None and res["collapsed"] is True

@@ -53,11 +53,13 @@ def test_later_arguments_depend_on_earlier_observations():
     "<tool_call>\n{name: find_user}\n</tool_call>",
     "<tool_call>\n<tool_call>\n{\"name\": \"find_user\", \"arguments\": {\"name\": \"x\"}}\n</tool_call>",
     "<tool_call>\n[1, 2]\n</tool_call>",
+    "<tool_call>\n{\"name\": \"rm_rf\", \"arguments\": {}}\n</tool_call>",
+    "<tool_call>\n{\"name\": \"get_city\", \"arguments\": {\"user_id\": \"nobody\"}}\n</tool_call>",
 ])
-def test_unparseable_call_ends_the_episode(turn):
+def test_a_call_that_cannot_be_executed_ends_the_episode(turn):
     ep = world.Episode(world.make_task(1), max_turns=4)
     assert ep.step(turn) is None and ep.done and not ep.success and ep.n_errors == 1
-    assert world.Episode(world.make_task(1), end_on_malformed=False).step(turn) is not None
+    assert world.Episode(world.make_task(1), end_on_call_error=False).step(turn) is not None
 
 
 @pytest.mark.parametrize("turn, error", [
@@ -67,7 +69,7 @@ def test_unparseable_call_ends_the_episode(turn):
     ("<tool_call>\n{\"name\": \"__import__('os').system('true')\", \"arguments\": {}}\n</tool_call>", "unknown tool"),
 ])
 def test_bad_calls_become_observations_not_crashes(turn, error):
-    ep = world.Episode(world.make_task(1), max_turns=4)
+    ep = world.Episode(world.make_task(1), max_turns=4, end_on_call_error=False)
     obs = ep.step(turn)
     assert obs is not None and error in obs and not ep.done
     assert ep.n_errors == 1

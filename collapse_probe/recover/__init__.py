@@ -45,15 +45,15 @@ def load_checkpoint(path: str | Path):
         raise UserError(f"{path}: no such directory; pass a checkpoint directory (e.g. RUN/checkpoint-N/)")
     if not p.is_dir():
         raise UserError(f"{path}: not a directory; pass a checkpoint directory (e.g. RUN/checkpoint-N/)")
+    found = sorted((c.name for c in p.glob("checkpoint-*") if (c / "config.json").is_file()),
+                   key=lambda s: (len(s), s))
+    hint = f" (this looks like a run directory: try {p / found[-1]})" if found else ""
     if not (p / "config.json").is_file():
-        found = sorted((c.name for c in p.glob("checkpoint-*") if (c / "config.json").is_file()),
-                       key=lambda s: (len(s), s))
-        hint = f" (this looks like a run directory: try {p / found[-1]})" if found else ""
         raise UserError(f"{path}: no model here (no config.json){hint}; pass a directory written by "
                         "save_pretrained")
     if not any(p.glob("*.safetensors")):
-        raise UserError(f"{path}: config.json but no *.safetensors weights; recover loads safetensors "
-                        "checkpoints only (save_pretrained(..., safe_serialization=True))")
+        raise UserError(f"{path}: no *.safetensors weights here{hint}; recover loads safetensors checkpoints "
+                        "written by save_pretrained")
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 

@@ -26,7 +26,7 @@ from collapse_probe.train.trainer import TrainConfig, train
 # end-of-turn collects the bonus and gets an error observation, so GRPO can farm it (the bare-tag shortcut).
 _BONUS_REWARD = {"correct": 1.0, "wrong": 0.0, "no_answer": 0.0, "tag_bonus": 0.5, "max_bonus_tags": 12}
 _OUTCOME_REWARD = {"correct": 1.0, "wrong": 0.0, "no_answer": 0.0, "tag_bonus": 0.0, "max_bonus_tags": 12}
-_RL = dict(steps=40, max_turns=12, eval_every=0, probe_every=5, save_every=5)
+_RL = dict(steps=50, warmup_steps=10, max_turns=12, eval_every=0, probe_every=5, save_every=5)
 
 PRESETS: dict[str, TrainConfig] = {
     "sft": TrainConfig(mode="sft", size="tiny", steps=500, lr=3e-3, lr_schedule="cosine", sft_batch=32,

@@ -35,6 +35,7 @@ class TrainConfig:
     size: str = "small"  # tiny model size when built from scratch
     lr: float = 1e-3
     lr_schedule: str = "constant"  # "constant" | "cosine" (to 10% of lr at the last step)
+    warmup_steps: int = 0  # linear warm-up: keeps Adam's first, outsized updates from wrecking a trained policy
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     threads: int = 2
@@ -101,9 +102,11 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dic
             rec["time/step_s"] = time.time() - t0
             log.append(rec)
             break
-        if cfg.lr_schedule == "cosine":
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(cfg.steps, 1))))
+        scale = 0.1 + 0.45 * (1 + math.cos(math.pi * step / max(cfg.steps, 1))) if cfg.lr_schedule == "cosine" else 1.0
+        if cfg.warmup_steps:
+            scale *= min(1.0, (step + 1) / cfg.warmup_steps)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * scale
         if cfg.mode == "sft":
             tasks = world.task_split("train", cfg.sft_batch, offset=task_offset + step * cfg.sft_batch)
             rec.update(_sft_step(model, opt, tok, tasks, cfg, rng))

@@ -15,9 +15,10 @@ the question, the JSON arguments, the observations and the answer: copying is wh
 
 Conversations follow ChatML with the Qwen/Hermes tool convention: tools listed in the system prompt, calls as
 `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, results in a user turn as `<tool_response>`.
-Calls are parsed with `json` only. An empty call (`<tool_call>` and nothing in it), an unknown tool or a bad
-argument yields an error observation and the episode goes on; a call body that is not a valid call (broken JSON,
-an unclosed tag) ends the episode, as does running out of turns.
+Calls are parsed with `json` only. The harness is strict: a call it cannot execute (broken JSON, an unclosed
+tag, an unknown tool, a bad or unknown argument) ends the episode, as does running out of turns. Only an empty
+call (`<tool_call>` and nothing in it) is answered with an error observation and the episode goes on, the way
+agent harnesses treat a no-op; `Episode(end_on_call_error=False)` answers every error with an observation.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ class Episode:
     n_tags: int = 0
     n_errors: int = 0
     parse: Callable[[str], tuple[list[dict], str | None]] = parse_calls  # swap for other call syntaxes
-    end_on_malformed: bool = True  # a call body that cannot be parsed ends the episode; an empty call does not
+    end_on_call_error: bool = True  # a call that cannot be executed ends the episode; an empty call does not
 
     def step(self, text: str) -> str | None:
         """Apply one assistant turn (special tokens removed except tool tags). Returns the observation text
@@ -195,14 +196,18 @@ class Episode:
             return None
         if error is not None:
             self.n_errors += 1
-            if self.end_on_malformed and error != "empty tool call":
+            if self.end_on_call_error and error != "empty tool call":
                 self.done = True  # the environment cannot tell what was meant
                 return None
             results = [{"error": error}]
         else:
             self.n_calls += len(calls)
             results = [self.task.execute(c["name"], c["arguments"]) for c in calls]
-            self.n_errors += sum("error" in r for r in results)
+            failed = sum("error" in r for r in results)
+            self.n_errors += failed
+            if failed and self.end_on_call_error:
+                self.done = True  # a failed API call ends the episode in a strict harness
+                return None
         if len(self.turns) >= self.max_turns:
             self.done = True
             return None
