@@ -31,8 +31,10 @@ __all__ = [
 
 # Extra settings for control-token probabilities rising from a low baseline (used by verdict.py): an absolute
 # guard (p > 0.3 while the baseline is < 0.1 is an alarm even in a noisy series) and a floor (p must reach 1%
-# before an alarm: 1e-6 -> 1e-4 is a large log-odds rise but irrelevant mass).
-CONTROL_SPIKE_DEFAULTS = dict(abs_threshold=0.3, abs_baseline=0.1, min_value=0.01)
+# before an alarm: 1e-6 -> 1e-4 is a large log-odds rise but irrelevant mass). z 3 for 2 steps: a per-step mean
+# over hundreds of decision positions is smooth, and the 1.0 log-odds minimum rise keeps noise out; chosen on
+# bench/detection.py's collapse/stable seeds 0-4 (see the closing note of the detection issue).
+CONTROL_SPIKE_DEFAULTS = dict(z_threshold=3.0, persistence=2, abs_threshold=0.3, abs_baseline=0.1, min_value=0.01)
 # Broken-turn fraction (fmt/full_collapse + fmt/text_pollution): fractions of a few hundred turns are often
 # exactly 0, so clip at 0.5% (not 1e-6) and demand at least 5% broken turns.
 BREAKAGE_DEFAULTS = dict(eps=0.005, abs_threshold=0.3, abs_baseline=0.1, min_value=0.05)
@@ -128,7 +130,8 @@ class OnlineSpikeDetector(_Streaming):
     Its onset step is the start of the surrounding streak with z > `onset_z` (so a slow ramp is dated to
     where it left the noise, not where it crossed the alarm line). No alarm before `min_history` values.
     After firing the detector is latched until `persistence` consecutive quiet updates re-arm it; excursion
-    values never enter the baseline. NaN/None values are ignored.
+    values, and values already `onset_z` above the baseline, never enter it (so a slow ramp, the usual shape of
+    a control-token spike in a real run, cannot drag the baseline up behind it). NaN/None values are ignored.
 
     Defaults: window 30 (enough for a stable median, short enough to follow slow drift), z 4 with MAD scale
     (about 1 false excursion in 10^4 Gaussian steps; 3 in a row essentially never), min_rise 1.0 log-odds
@@ -204,7 +207,8 @@ class OnlineSpikeDetector(_Streaming):
         self.soft_start = (self.soft_start if self.soft_start is not None else step) if soft else None
         if not excursion:
             self.run = 0
-            self._hist.append(y)
+            if not soft:  # a slow ramp must not drag the baseline up behind it
+                self._hist.append(y)
             if self.alarmed:
                 self.quiet = 0 if soft else self.quiet + 1
                 if self.quiet >= self.persistence:

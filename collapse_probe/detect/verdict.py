@@ -135,7 +135,8 @@ def analyse_timeline(tl: Timeline, *, source: str = "rollout", position: str = "
     for role, s in tl.control_series(source, position).items():
         key = f"cp/{source}/{position}/{role}"
         up = {**CONTROL_SPIKE_DEFAULTS, **detector_kwargs}
-        events += _run_detector(_spike_detector(online, up, key=key, role=role, position=position), steps, s)
+        if role not in falling_roles:  # a healthy token (the JSON body) rising is no alarm
+            events += _run_detector(_spike_detector(online, up, key=key, role=role, position=position), steps, s)
         if role in falling_roles:
             down = {"abs_threshold": None, "abs_baseline": None, "min_value": None, **detector_kwargs}
             det = _spike_detector(online, down, key=key, role=role, position=position, direction="down")
@@ -256,7 +257,8 @@ class OnlineMonitor:
             if not role or "/" in role or role in ("entropy", "count"):
                 continue
             val = _num(record[key])
-            feed(self._spike(key, role, "up"), val)
+            if role not in self.falling_roles:  # a healthy token rising is no alarm
+                feed(self._spike(key, role, "up"), val)
             if role in self.falling_roles:
                 feed(self._spike(key, role, "down"), val)
         parts = [_num(record.get(k)) for k in BREAKAGE_KEYS]
