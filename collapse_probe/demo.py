@@ -74,9 +74,12 @@ def run_demo(out_dir: str | Path = "reports/demo", *, work_dir: str | Path = "ru
     sections: list[tuple[str, str]] = []
     if not skip_recovery:
         from collapse_probe.recover import recovery_markdown, run_recovery
-        say("recovery forensics on the last checkpoint (format grid, masked decoding, SFT repair)")
-        recovery = run_recovery(last_ckpt, n=8 if fast else 32, repair_steps=4 if fast else 50,
+        ckpt = first_collapsed_checkpoint(run_dir) or last_ckpt
+        say(f"recovery forensics on {ckpt.name}, the first checkpoint after success fell below 20% of its start "
+            "(format grid, masked decoding, SFT repair)")
+        recovery = run_recovery(ckpt, n=8 if fast else 32, repair_steps=4 if fast else 50,
                                 fresh_max_steps=8 if fast else 300, progress=phase_progress)
+        recovery["checkpoint"] = str(ckpt)
         sections.append(("Recovery", recovery_markdown(recovery)))
         (out_dir / "recovery.json").write_text(json.dumps(recovery, indent=2, default=str))
 
@@ -85,6 +88,22 @@ def run_demo(out_dir: str | Path = "reports/demo", *, work_dir: str | Path = "ru
     (out_dir / "verdict.json").write_text(json.dumps(verdict.to_dict(), indent=2, default=str))
     return DemoResult(run_dir, report, verdict.to_dict(), first_alert[0] if first_alert else None, recovery,
                       time.time() - t0)
+
+
+def first_collapsed_checkpoint(run_dir: Path, frac: float = 0.2) -> Path | None:
+    """The first saved checkpoint at or after the step where success fell below `frac` of its first value:
+    the model right at its collapse, before further updates spread the damage."""
+    from collapse_probe.runlog import read_records
+
+    recs = [r for r in read_records(run_dir, warn=False) if isinstance(r.get("success"), (int, float))]
+    if not recs:
+        return None
+    start = recs[0]["success"]
+    step = next((r["step"] for r in recs if r["success"] < frac * start), None)
+    if step is None:
+        return None
+    saved = sorted((int(p.name.split("-")[1]), p) for p in run_dir.glob("checkpoint-*") if p.name[11:].isdigit())
+    return next((p for s, p in saved if s >= step), None)
 
 
 class _NullBar:

@@ -117,13 +117,14 @@ def _outcome(ax, tl: Timeline) -> None:
 def _onsets(axes, verdict) -> None:
     marks = [(verdict.spike_step, "spike", (0, (3, 1.5))), (verdict.breakage_step, "breakage", (0, (1, 1))),
              (verdict.collapse_step, "collapse", "-")]
-    marks = [m for m in marks if m[0] is not None]
+    marks = sorted((m for m in marks if m[0] is not None), key=lambda m: m[0])
     x0, x1 = axes[0].get_xlim()
     level, prev = 0, None
     for step, label, ls in marks:
         for ax in axes:
             ax.axvline(step, color="0.25", ls=ls, lw=0.8, zorder=3)
-        level = 1 - level if prev is not None and abs(step - prev) < 0.12 * (x1 - x0) else 0  # stagger close labels
+        # stagger labels whose lines are close (up to three levels)
+        level = (level + 1) % 3 if prev is not None and abs(step - prev) < 0.2 * (x1 - x0) else 0
         prev = step
         axes[0].annotate(label, (step, 1.0), xycoords=("data", "axes fraction"), xytext=(0, 2 + 7 * level),
                          textcoords="offset points", ha="center", va="bottom", fontsize=7, annotation_clip=False)

@@ -46,6 +46,15 @@ class ControlTokens:
     def __contains__(self, role: object) -> bool:
         return role in self.ids
 
+    def distinct_ids(self) -> dict[str, int]:
+        """role -> id with each id once (first role in canonical order wins: `eos` is dropped where it is the
+        end-of-turn token), so records and figures carry no duplicate series."""
+        out: dict[str, int] = {}
+        for role in [r for r in ROLES if r in self.ids] + [r for r in self.ids if r not in ROLES]:
+            if self.ids[role] not in out.values():
+                out[role] = self.ids[role]
+        return out
+
     def role_of(self, token_id: int) -> str | None:
         """First role (canonical order, then custom roles) whose id is token_id; roles may share an id."""
         order = [r for r in ROLES if r in self.ids] + [r for r in self.ids if r not in ROLES]

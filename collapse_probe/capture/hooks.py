@@ -75,7 +75,7 @@ class ControlTokenCapture:
         if "tool_open" not in self.roles.ids:
             why = self.roles.unresolved.get("tool_open", "not resolved")
             raise UserError(f"no tool-call opening token ({why}): pass overrides={{'tool_open': '<your tag>'}}")
-        self.role_ids: dict[str, int] = dict(self.roles.ids)
+        self.role_ids: dict[str, int] = self.roles.distinct_ids()
         self.source = source
         self.entropy = entropy
         self._batch: _Batch | None = None

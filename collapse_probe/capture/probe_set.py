@@ -72,7 +72,7 @@ class ProbeSet:
         model.eval()
         sums: dict[str, float] = {}
         counts: dict[str, float] = {}
-        role_ids = dict(self.roles.ids)
+        role_ids = self.roles.distinct_ids()
         device = next(model.parameters()).device
         for i in range(0, len(self.seqs), batch_size):
             seqs, masks = self.seqs[i:i + batch_size], self.gen_masks[i:i + batch_size]

@@ -76,7 +76,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dic
     rng = random.Random(cfg.seed)
     model, tok = _load(cfg)
     roles = resolve_control_tokens(tok)
-    role_ids = dict(roles.ids)
+    role_ids = roles.distinct_ids()
     probe = ProbeSet.from_world(tok, n=16) if cfg.probe_every else None
     ref_model = None
     if cfg.kl_coef > 0:
