@@ -84,10 +84,13 @@ def score(corpus: Path) -> dict:
         stable = [r for r in rows if not r["collapsing"]]
         false = [r for r in stable if r["alarms"][name] is not None]
         leads = [r["reward_drop_step"] - r["alarms"][name] for r in caught]
+        fired = [r["reward_drop_step"] - r["alarms"][name] for r in col if r["alarms"][name] is not None]
         table[name] = {"detection_rate": len(caught) / len(col) if col else None,
                        "caught": len(caught), "collapsing_runs": len(col),
                        "false_alarms": len(false), "stable_runs": len(stable),
-                       "median_lead_steps": statistics.median(leads) if leads else None}
+                       "median_lead_steps": statistics.median(leads) if leads else None,
+                       "fired_any_time": len(fired),
+                       "median_lead_when_fired": statistics.median(fired) if fired else None}
     return {"runs": rows, "detectors": table}
 
 
@@ -112,11 +115,16 @@ def main() -> None:
         return
     n_col = sum(r["collapsing"] for r in result["runs"])
     print(f"{len(result['runs'])} runs: {n_col} collapsing, {len(result['runs']) - n_col} stable")
-    print(f"{'detector':<22} {'detected':>10} {'false alarms':>13} {'median lead':>12}")
+    print("detected = fired before the reward drop; lead in steps before the drop (negative: after it)")
+    print(f"{'detector':<32} {'detected':>9} {'false alarms':>13} {'median lead':>12} {'fired at all':>13} "
+          f"{'median lead if fired':>21}")
     for name, t in sorted(result["detectors"].items(), key=lambda kv: -(kv[1]["median_lead_steps"] or -1e9)):
         rate = f"{t['caught']}/{t['collapsing_runs']}"
         lead = "-" if t["median_lead_steps"] is None else f"{t['median_lead_steps']:.1f}"
-        print(f"{name:<22} {rate:>10} {t['false_alarms']:>6}/{t['stable_runs']:<6} {lead:>12}")
+        any_lead = "-" if t["median_lead_when_fired"] is None else f"{t['median_lead_when_fired']:.1f}"
+        false = f"{t['false_alarms']}/{t['stable_runs']}"
+        print(f"{name:<32} {rate:>9} {false:>13} {lead:>12} {t['fired_any_time']:>10}/{t['collapsing_runs']:<2} "
+              f"{any_lead:>21}")
 
 
 if __name__ == "__main__":
