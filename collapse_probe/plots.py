@@ -167,7 +167,8 @@ def plot_timeline(tl: Timeline, verdict=None, out_stem: Path | str = "timeline",
                 y -= 0.04 * -(-len(row) // 4)
         if title:
             fig.suptitle(title, y=0.995, fontsize=8)
-        fig.subplots_adjust(left=0.19, right=0.97, bottom=0.09, top=y - 0.065, hspace=0.36)
+        fig.subplots_adjust(left=0.19, right=0.97, bottom=0.09, top=y - (0.095 if verdict is not None else 0.065),
+                            hspace=0.36)  # room for up to three staggered onset labels
         fig.align_ylabels(axes)
         paths = [out_stem.parent / f"{out_stem.name}{ext}" for ext in (".pdf", ".svg", ".png")]
         for p in paths:
