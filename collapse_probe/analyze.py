@@ -308,6 +308,15 @@ def _analyze_checkpoints(p: Path, ckpts: list[Checkpoint], *, eval_tasks, probe,
     records = [store.get(ck, settings)["record"] for ck in ckpts]
     tl = Timeline.from_records(records, path=p)
     v = analyse_timeline(tl, source="probe", online=False, min_size=CHECKPOINT_MIN_SIZE)
+    # Checkpoint series are few and noise-free (a fixed probe set, no sampling): a change-point model is
+    # the wrong tool there. The spike is the first checkpoint whose probability moved >= 1.0 log-odds away
+    # from the first checkpoint's (up for control tokens, down for the JSON opening).
+    v.events = [e for e in v.events if e.kind != "control_spike"] + checkpoint_spikes(tl)
+    v.events.sort(key=lambda e: (e.step, e.detected_at, e.kind, e.key))
+    v.spike_step = min((e.step for e in v.events if e.kind == "control_spike"), default=None)
+    warn = min((s for s in (v.spike_step, v.breakage_step) if s is not None), default=None)
+    v.lead_steps = v.collapse_step - warn if v.collapse_step is not None and warn is not None else None
+    v.collapsed = v.collapse_step is not None and warn is not None
     succ = tl.success()
     have_succ = bool(succ.notna().any())
     succ_step = detect_reward_drop(tl.steps, succ.to_numpy()) if have_succ else None
@@ -323,6 +332,33 @@ def _analyze_checkpoints(p: Path, ckpts: list[Checkpoint], *, eval_tasks, probe,
                 "success_collapse_step": succ_step, "scored": scored, "cached": len(ckpts) - scored,
                 "cache": str(store.path), "checkpoints": rows, "summary": v.summary()})
     return out
+
+
+def checkpoint_spikes(tl, *, position: str = "after_open", min_rise: float = 1.0, min_value: float = 0.01,
+                      falling_roles: tuple[str, ...] = ("json_open",)) -> list:
+    """First checkpoint where each role's probe probability rose (fell, for `falling_roles`) by at least
+    `min_rise` log-odds relative to the first checkpoint; rises must reach `min_value`."""
+    import numpy as np
+
+    from collapse_probe.detect.detectors import Event
+
+    events = []
+    for role, series in tl.control_series("probe", position).items():
+        vals = series.to_numpy(dtype=float)
+        ok = ~np.isnan(vals)
+        if ok.sum() < 2:
+            continue
+        steps, vals = tl.steps[ok], np.clip(vals[ok], 1e-6, 1 - 1e-6)
+        logit = np.log(vals / (1 - vals))
+        sign = -1.0 if role in falling_roles else 1.0
+        moved = sign * (logit - logit[0]) >= min_rise
+        if sign > 0:
+            moved &= vals >= min_value
+        if moved.any():
+            i = int(np.argmax(moved))
+            events.append(Event("control_spike", f"cp/probe/{position}/{role}", role, position, int(steps[i]),
+                                int(steps[i]), float(sign * (logit[i] - logit[0])), "up" if sign > 0 else "down"))
+    return events
 
 
 _JSON_HEAD = 'p({"|open)'

@@ -136,7 +136,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dic
         log.append(rec)
         if progress:
             progress(step, rec)
-        if cfg.save_every and step > 0 and step % cfg.save_every == 0:
+        if cfg.save_every and step % cfg.save_every == 0:  # checkpoint-0 too: the baseline for `analyze`
             last_ckpt = save_checkpoint(model, tok, out, step)
     last_ckpt = save_checkpoint(model, tok, out, cfg.steps)
     log.close()
