@@ -276,16 +276,9 @@ def recover(
     skip_repair: bool = typer.Option(False, "--skip-repair", help="Skip the SFT repair and the fresh-model run."),
 ) -> None:
     """Does the tool skill survive the collapse? Format grid, masked decoding, SFT repair vs a fresh model."""
-    from collapse_probe.recover import parse_format_list, render_recovery_table, run_recovery
+    from collapse_probe.recover import render_recovery_table, run_recovery
 
-    if n < 1:
-        raise UserError(f"-n {n}: evaluate at least one task")
-    if repair_steps < 1 and not skip_repair:
-        raise UserError(f"--repair-steps {repair_steps}: give at least 1, or pass --skip-repair")
-    if fresh_max_steps < 0:
-        raise UserError(f"--fresh-max-steps {fresh_max_steps} must be >= 0")
-    parse_format_list(formats)  # unknown names: one line before anything loads
-    bar = _PhaseBar()
+    bar = _PhaseBar()  # run_recovery checks its arguments before it loads anything
     try:
         result = run_recovery(ckpt, formats=formats, n=n, repair_steps=repair_steps, fresh_max_steps=fresh_max_steps,
                               skip_repair=skip_repair, progress=bar)

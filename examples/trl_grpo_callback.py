@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from tokenizers import AddedToken
 from transformers import AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
@@ -31,10 +30,6 @@ def build_base_model(path: Path) -> Path:
     tool tags are added tokens that are not "special", so TRL's decode(skip_special_tokens=True) keeps them."""
     if not (path / "config.json").is_file():
         tokenizer = tiny.build_tokenizer()
-        tags = [world.TOOL_OPEN, world.TOOL_CLOSE, world.RESP_OPEN, world.RESP_CLOSE]
-        tokenizer.backend_tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in tags])
-        attr = "extra_special_tokens" if hasattr(tokenizer, "extra_special_tokens") else "additional_special_tokens"
-        setattr(tokenizer, attr, [t for t in getattr(tokenizer, attr) if t not in tags])  # transformers 5 / 4
         tiny.build_model(tokenizer, "tiny").save_pretrained(path)
         tokenizer.save_pretrained(path)
     return path
