@@ -32,7 +32,8 @@ SHAPES = {  # Qwen2.5 configs (hidden, layers, heads, kv heads, intermediate)
 
 def cpu_case(threads: int):
     from collapse_probe.tokens import resolve_control_tokens
-    from collapse_probe.train import grpo, tiny, world
+    from collapse_probe.train import grpo, tiny
+    from collapse_probe import world
     from collapse_probe.train.rollout import rollout
 
     torch.set_num_threads(threads)

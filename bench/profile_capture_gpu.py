@@ -1,7 +1,6 @@
 """Profile one captured GPU step (where does the capture's time go?). Prints the top ops."""
 import sys
 
-import torch
 
 sys.argv = [sys.argv[0], "--device", "cuda"]
 from bench.capture_overhead import gpu_case  # noqa: E402

@@ -129,7 +129,7 @@ class ScoreCache:
 # ---------------------------------------------------------------------------------------------- scoring
 def _has_world_tokens(tok) -> bool:
     from collapse_probe.tokens import single_token_id
-    from collapse_probe.train import world
+    from collapse_probe import world
 
     return all(single_token_id(tok, t) is not None for t in world.SPECIAL_TOKENS[1:])
 

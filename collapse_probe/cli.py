@@ -101,7 +101,7 @@ def formats(
     step_bins: Optional[int] = typer.Option(None, help="Also break the counts into this many step ranges."),
 ) -> None:
     """Classify every assistant turn: healthy tool call / healthy response / text pollution / full collapse."""
-    from collapse_probe.detect.formats import FormatSpec
+    from collapse_probe.formats.classify import FormatSpec
     from collapse_probe.detect.rollout_files import load_turns, render_summary, summarise_turns
 
     tools = frozenset(t.strip() for t in known_tools.split(",") if t.strip()) if known_tools else None

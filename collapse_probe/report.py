@@ -113,7 +113,7 @@ def _verdict_section(verdict, tl) -> str:
 
 
 def _mix_section(tl) -> str:
-    from collapse_probe.detect.formats import REASONS
+    from collapse_probe.formats.classify import REASONS
 
     mix = tl.state_mix().dropna(how="all")
     out = []

@@ -21,8 +21,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from collapse_probe.capture.hooks import ControlTokenCapture
 from collapse_probe.capture.probe_set import ProbeSet
 from collapse_probe.runlog import RunLog
-from collapse_probe.train import tiny, world
-from collapse_probe.train.rollout import prompt_text
+from collapse_probe.train import tiny
+from collapse_probe import world
+
 
 
 def build_base_model(path: Path) -> Path:
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> Path:
         log.append({"step": 0, **probe.score(model)})
         for step in range(1, opts.steps + 1):
             # --- sample: 4 prompts x 4 completions (the hook ignores these forwards: no batch is set)
-            prompts = [prompt_text(t) for t in tasks[4 * (step - 1): 4 * step] for _ in range(group)]
+            prompts = [world.prompt_text(t) for t in tasks[4 * (step - 1): 4 * step] for _ in range(group)]
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
             model.eval()
             with torch.no_grad():

@@ -18,7 +18,8 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 from collapse_probe import CollapseProbeCallback
-from collapse_probe.train import sft, tiny, world
+from collapse_probe.train import tiny
+from collapse_probe import world
 
 
 def build_base_model(path: Path) -> Path:
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     rows = []
     for task in world.task_split("train", 256):
-        ids, mask = sft.encode_trajectory(tokenizer, task)  # mask: 1 on assistant tokens
+        ids, mask = world.encode_trajectory(tokenizer, task)  # mask: 1 on assistant tokens
         rows.append({"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]})
     dataset = Dataset.from_list(rows)
 

@@ -22,7 +22,8 @@ from transformers import AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
 from collapse_probe import CollapseProbeCallback
-from collapse_probe.train import tiny, world
+from collapse_probe.train import tiny
+from collapse_probe import world
 
 
 def build_base_model(path: Path) -> Path:

@@ -13,10 +13,11 @@ import torch
 from transformers import TrainerControl, TrainerState
 
 from collapse_probe import CollapseProbeCallback
-from collapse_probe.detect.formats import state_mix
+from collapse_probe.formats.classify import state_mix
 from collapse_probe.errors import UserError
 from collapse_probe.runlog import read_records
-from collapse_probe.train import tiny, world
+from collapse_probe.train import tiny
+from collapse_probe import world
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "cp/probe/after_open/end_of_turn"

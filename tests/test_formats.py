@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from collapse_probe.detect import formats
-from collapse_probe.detect.formats import (REASONS, STATES, FormatSpec, FormatState, StateMix, TurnVerdict,
+from collapse_probe.formats import classify as formats
+from collapse_probe.formats.classify import (REASONS, STATES, FormatSpec, FormatState, StateMix, TurnVerdict,
                                            classify_turn, state_mix)
 from collapse_probe.detect.rollout_files import load_turns, render_summary, split_trajectory, summarise_turns
 from collapse_probe.errors import UserError

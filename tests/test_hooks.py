@@ -11,8 +11,9 @@ from collapse_probe.capture.hooks import ControlTokenCapture
 from collapse_probe.capture.stats import POSITION_KINDS
 from collapse_probe.errors import UserError
 from collapse_probe.tokens import ControlTokens
-from collapse_probe.train import sft, tiny, world
-from collapse_probe.train.rollout import prompt_text
+from collapse_probe.train import sft, tiny
+from collapse_probe import world
+
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,10 +44,10 @@ def batch(tok):
     tasks = world.task_split("probe", 4)
     seqs, masks = [], []
     for i, t in enumerate(tasks):
-        ids, mask = sft.encode_trajectory(tok, t, empty_call_retries=int(i == 0))
+        ids, mask = world.encode_trajectory(tok, t, empty_call_retries=int(i == 0))
         seqs.append(ids)
         masks.append(mask)
-    head = tok.encode(prompt_text(tasks[0]), add_special_tokens=False)
+    head = tok.encode(world.prompt_text(tasks[0]), add_special_tokens=False)
     body = tok.encode(world.TOOL_OPEN + '{"name": "find_user", "arguments": {}}', add_special_tokens=False) + \
         [tok.convert_tokens_to_ids(world.IM_END)]
     seqs.append(head + body)

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from collapse_probe.errors import UserError
-from collapse_probe.recover import (FORMAT_NAMES, FORMATS, ForbidTokens, ObserveAfterOpen, evaluate_format,
+from collapse_probe.recover import (FORMAT_NAMES, ForbidTokens, ObserveAfterOpen, evaluate_format,
                                     findings, format_spread, get_format, masked_eval, parse_format_list,
                                     recovery_markdown, render_recovery_table, run_recovery, score_episode,
                                     spiking_roles)
 from collapse_probe.recover import repair as repair_mod
-from collapse_probe.recover.formats import PARAPHRASES, RenamedTask, parse_python_calls
+from collapse_probe.formats.syntaxes import PARAPHRASES, RenamedTask, parse_python_calls
 from collapse_probe.tokens import ControlTokens
-from collapse_probe.train import world
+from collapse_probe import world
 
 torch.set_num_threads(1)
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from collapse_probe.runlog import read_records, read_rollouts
-from collapse_probe.train import rollout, sft, tiny, world
+from collapse_probe.train import rollout, sft, tiny
+from collapse_probe import world
 from collapse_probe.train.trainer import TrainConfig, train
 
 
@@ -93,8 +94,8 @@ def test_tokenizer_mirrors_qwen_and_survives_save_load(tok, saved_model):
 
     reloaded = AutoTokenizer.from_pretrained(saved_model)
     task = world.make_task(5)
-    ids, _ = sft.encode_trajectory(tok, task)
-    ids2, _ = sft.encode_trajectory(reloaded, task)
+    ids, _ = world.encode_trajectory(tok, task)
+    ids2, _ = world.encode_trajectory(reloaded, task)
     assert ids == ids2
     for t in world.SPECIAL_TOKENS:
         assert len(tok.encode(t, add_special_tokens=False)) == 1

@@ -45,7 +45,7 @@ class CollapseProbeCallback(TrainerCallback):
         every: probe every this many optimizer steps (also at step 0 and at the end of training).
         out_dir: where config.json and metrics.jsonl go; default `args.output_dir/collapse_probe/`.
         token_overrides: role -> string for control tokens auto-detection misses (e.g. {"tool_open": "<call>"}).
-        format_spec: a `collapse_probe.detect.formats.FormatSpec` or preset name for classifying TRL completions.
+        format_spec: a `collapse_probe.formats.classify.FormatSpec` or preset name for classifying TRL completions.
     """
 
     def __init__(self, tokenizer: Any = None, probe_set: ProbeSet | None = None,
@@ -175,7 +175,7 @@ class CollapseProbeCallback(TrainerCallback):
         f = self._output_dir / "completions" / f"completions_{rec['step']:05d}.parquet"
         if not f.is_file():
             return
-        from collapse_probe.detect.formats import FormatSpec, StateMix, classify_turn
+        from collapse_probe.formats.classify import FormatSpec, StateMix, classify_turn
         from collapse_probe.detect.rollout_files import load_turns
 
         if self._spec is None:

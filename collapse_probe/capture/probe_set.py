@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from collapse_probe.capture.stats import decision_positions, position_stats
+from collapse_probe import world
 from collapse_probe.errors import UserError
 from collapse_probe.tokens import ControlTokens, resolve_control_tokens
 
@@ -26,11 +27,10 @@ class ProbeSet:
 
     @classmethod
     def from_world(cls, tokenizer, n: int = 16, roles: ControlTokens | None = None) -> "ProbeSet":
-        from collapse_probe.train import sft, world  # the tool world is optional for user probe sets
 
         seqs, masks = [], []
         for task in world.task_split("probe", n):
-            ids, mask = sft.encode_trajectory(tokenizer, task)
+            ids, mask = world.encode_trajectory(tokenizer, task)
             seqs.append(ids)
             masks.append(mask)
         return cls(seqs, masks, roles or resolve_control_tokens(tokenizer), _pad(tokenizer))

@@ -24,7 +24,7 @@ from numbers import Integral, Real
 from pathlib import Path
 from typing import Iterable
 
-from collapse_probe.detect.formats import STATES, FormatSpec, StateMix, classify_turn
+from collapse_probe.formats.classify import STATES, FormatSpec, StateMix, classify_turn
 from collapse_probe.errors import UserError
 
 _WHAT = ("pass a JSONL of {\"text\": <one assistant turn>} lines, our rollouts/step_*.jsonl, a verl "

@@ -2,7 +2,7 @@
 
 Four probes on one checkpoint, each independent of the others:
 
-    formats  the same tasks in other call syntaxes and with other surface content (recover.formats); the
+    formats  the same tasks in other call syntaxes and with other surface content (formats.syntaxes); the
              spread is best minus worst content accuracy across them
     masked   greedy decoding with the spiking control tokens forbidden right after `<tool_call>` (recover.masked)
     repair   a few SFT steps on oracle data, against a fresh model of the same architecture given the same
@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 from collapse_probe.errors import UserError
 from collapse_probe.recover.evaluate import evaluate_format, format_spread, score_episode
-from collapse_probe.recover.formats import FORMAT_NAMES, FORMATS, ToolFormat, get_format, parse_format_list
+from collapse_probe.formats.syntaxes import FORMAT_NAMES, FORMATS, ToolFormat, get_format, parse_format_list
 from collapse_probe.recover.masked import ForbidTokens, ObserveAfterOpen, masked_eval, spiking_roles
 from collapse_probe.recover.repair import sft_repair
 
@@ -38,7 +38,8 @@ def load_checkpoint(path: str | Path):
     """(model, tokenizer, control roles) from a local HF checkpoint directory, with one-line errors for a path
     that holds no model and for a tokenizer without the tool world's control tokens."""
     from collapse_probe.tokens import resolve_control_tokens
-    from collapse_probe.train import tiny, world
+    from collapse_probe.train import tiny
+    from collapse_probe import world
 
     p = Path(path)
     if not p.exists():

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from collapse_probe.recover.formats import FORMATS, ToolFormat, get_format
-from collapse_probe.train import world
+from collapse_probe.formats.syntaxes import FORMATS, ToolFormat, get_format
+from collapse_probe import world
 from collapse_probe.train.rollout import LogitsProcessor, rollout
 
 

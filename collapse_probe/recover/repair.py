@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from collapse_probe.capture.probe_set import ProbeSet
-from collapse_probe.train import world
+from collapse_probe import world
 from collapse_probe.train.trainer import TrainConfig, _sft_step, evaluate
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)

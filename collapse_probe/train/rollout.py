@@ -9,12 +9,12 @@ sequence the policy produced.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from collapse_probe.train import world
+from collapse_probe import world
 
 # (generated ids of the current turn for each live row, logits [rows, vocab]) -> logits
 LogitsProcessor = Callable[[list[list[int]], torch.Tensor], torch.Tensor]
@@ -33,16 +33,6 @@ class Trajectory:
     @property
     def success(self) -> bool:
         return self.episode.success
-
-
-def prompt_text(task: world.Task, system: str | None = None) -> str:
-    system = world.system_prompt() if system is None else system
-    return (f"{world.IM_START}system\n{system}{world.IM_END}\n{world.IM_START}user\n{task.question}{world.IM_END}\n"
-            f"{world.IM_START}assistant\n")
-
-
-def observation_text(obs: str) -> str:
-    return f"\n{world.IM_START}user\n{obs}{world.IM_END}\n{world.IM_START}assistant\n"
 
 
 def model_forward(model, input_ids, attention_mask, position_ids, cache=None):
@@ -146,7 +136,7 @@ def rollout(model, tokenizer, tasks: list[world.Task], *, group_size: int = 1, m
     model.eval()
     trajs = []
     for g, task in enumerate(tasks):
-        prompt = tokenizer.encode(prompt_text(task, system), add_special_tokens=False)
+        prompt = tokenizer.encode(world.prompt_text(task, system), add_special_tokens=False)
         for _ in range(group_size):
             ep = world.Episode(task, max_turns=max_turns, parse=parse or world.parse_calls)
             trajs.append(Trajectory(task, ep, list(prompt), [0] * len(prompt), [0.0] * len(prompt), group=g))
@@ -173,7 +163,7 @@ def rollout(model, tokenizer, tasks: list[world.Task], *, group_size: int = 1, m
             text = tokenizer.decode(toks[:-1], skip_special_tokens=False)
             obs = t.episode.step(text)
             if obs is not None:
-                seg = tokenizer.encode(observation_text(obs), add_special_tokens=False)
+                seg = tokenizer.encode(world.observation_text(obs), add_special_tokens=False)
                 t.ids += seg
                 t.gen_mask += [0] * len(seg)
                 t.old_logp += [0.0] * len(seg)

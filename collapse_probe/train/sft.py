@@ -9,29 +9,7 @@ import random
 
 import torch
 
-from collapse_probe.train import world
-from collapse_probe.train.rollout import observation_text, prompt_text
-
-
-def encode_trajectory(tokenizer, task: world.Task, *, empty_call_retries: int = 0,
-                      retry_at: int = 0, system: str | None = None) -> tuple[list[int], list[int]]:
-    """(ids, loss_mask) for the oracle solution of `task`; loss_mask marks assistant tokens."""
-    eos = tokenizer.convert_tokens_to_ids(world.IM_END)
-    ids = tokenizer.encode(prompt_text(task, system), add_special_tokens=False)
-    mask = [0] * len(ids)
-    turns = world.oracle_turns(task)
-    if empty_call_retries:  # "bare open tag -> tool error -> retry" inserted before call `retry_at`
-        retry = world.oracle_turns(task, empty_call_retries=empty_call_retries)[:empty_call_retries]
-        turns = turns[:retry_at] + retry + turns[retry_at:]
-    for turn, obs in turns:
-        seg = tokenizer.encode(turn, add_special_tokens=False) + [eos]
-        ids += seg
-        mask += [1] * len(seg)
-        if obs is not None:
-            seg = tokenizer.encode(observation_text(obs), add_special_tokens=False)
-            ids += seg
-            mask += [0] * len(seg)
-    return ids, mask
+from collapse_probe import world
 
 
 def oracle_batch(tokenizer, tasks: list[world.Task], *, retry_frac: float = 0.0,
@@ -42,7 +20,7 @@ def oracle_batch(tokenizer, tasks: list[world.Task], *, retry_frac: float = 0.0,
     for task in tasks:
         retries = 1 if rng.random() < retry_frac else 0
         at = rng.randrange(len(task.chain)) if retries else 0
-        ids, mask = encode_trajectory(tokenizer, task, empty_call_retries=retries, retry_at=at)
+        ids, mask = world.encode_trajectory(tokenizer, task, empty_call_retries=retries, retry_at=at)
         seqs.append(ids)
         masks.append(mask)
     return seqs, masks

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
 from collapse_probe.errors import UserError
-from collapse_probe.train import world
+from collapse_probe import world
 
 CHAT_TEMPLATE = (
     "{%- if tools %}{{- '<|im_start|>system\\n' }}"
@@ -46,7 +46,7 @@ CHAT_TEMPLATE = (
 
 def default_corpus(n_tasks: int = 400) -> list[str]:
     """Text the BPE learns its merges from: whole oracle conversations of the tool world."""
-    from collapse_probe.train.rollout import observation_text, prompt_text
+    from collapse_probe.world import observation_text, prompt_text
 
     texts = []
     for task in world.task_split("train", n_tasks, offset=5_000_000):

@@ -19,10 +19,11 @@ from typing import Callable
 import torch
 
 from collapse_probe.capture.probe_set import ProbeSet
-from collapse_probe.detect.formats import FormatSpec, classify_turn
+from collapse_probe.formats.classify import FormatSpec, classify_turn
 from collapse_probe.runlog import RolloutLog, RunLog
 from collapse_probe.tokens import resolve_control_tokens
-from collapse_probe.train import grpo, sft, tiny, world
+from collapse_probe.train import grpo, sft, tiny
+from collapse_probe import world
 from collapse_probe.train.rollout import rollout
 
 

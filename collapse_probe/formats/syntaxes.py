@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass, field
 
 from collapse_probe.errors import UserError
-from collapse_probe.train import world
+from collapse_probe import world
 
 Call = dict  # {"name": str, "arguments": dict}
 ParseResult = tuple[list[Call], "str | None"]

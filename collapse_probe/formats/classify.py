@@ -35,19 +35,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from enum import Enum
 from functools import lru_cache
 from typing import Iterable
 
-
-class FormatState(str, Enum):
-    HEALTHY_TOOL_CALL = "healthy_tool_call"
-    HEALTHY_RESPONSE = "healthy_response"
-    TEXT_POLLUTION = "text_pollution"
-    FULL_COLLAPSE = "full_collapse"
+from collapse_probe.schema import STATES, FormatState
 
 
-STATES: tuple[str, ...] = tuple(s.value for s in FormatState)
 _OK_CALL, _OK_TEXT = FormatState.HEALTHY_TOOL_CALL, FormatState.HEALTHY_RESPONSE
 _POL, _COL = FormatState.TEXT_POLLUTION, FormatState.FULL_COLLAPSE
 

@@ -1,0 +1,104 @@
+"""One conversation with the tool world: parse each assistant turn, execute its calls, answer or end.
+
+The harness is strict by default: a call it cannot execute (broken JSON, an unclosed tag, an unknown tool, a bad
+argument) ends the episode, as does running out of turns. Only an empty call (`<tool_call>` and nothing in it)
+gets an error observation and the episode goes on; `Episode(end_on_call_error=False)` answers every error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+from collapse_probe.world.tasks import RESP_CLOSE, RESP_OPEN, TOOL_CLOSE, TOOL_OPEN, Task, render_answer, render_call
+
+_CALL_RE = re.compile(re.escape(TOOL_OPEN) + r"(.*?)" + re.escape(TOOL_CLOSE), re.S)
+
+
+def parse_calls(text: str) -> tuple[list[dict], str | None]:
+    """Parse Hermes tool calls from one assistant turn with `json` only. Returns (calls, error)."""
+    if TOOL_OPEN not in text:
+        return [], None
+    bodies = _CALL_RE.findall(text)
+    if not bodies:
+        return [], "tool call is not closed" if text.strip() != TOOL_OPEN else "empty tool call"
+    calls = []
+    for body in bodies:
+        if not body.strip():
+            return [], "empty tool call"
+        try:
+            obj = json.loads(body)
+        except json.JSONDecodeError:
+            return [], "tool call is not valid JSON"
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not isinstance(obj.get("arguments"), dict):
+            return [], "tool call needs a string 'name' and an object 'arguments'"
+        calls.append(obj)
+    return calls, None
+
+
+@dataclass
+class Episode:
+    """Environment state of one conversation. `step(text)` consumes one assistant turn."""
+
+    task: Task
+    max_turns: int = 8
+    turns: list[str] = field(default_factory=list)
+    done: bool = False
+    final_answer: str | None = None
+    n_calls: int = 0
+    n_tags: int = 0
+    n_errors: int = 0
+    parse: Callable[[str], tuple[list[dict], str | None]] = parse_calls  # swap for other call syntaxes
+    end_on_call_error: bool = True  # a call that cannot be executed ends the episode; an empty call does not
+
+    def step(self, text: str) -> str | None:
+        """Apply one assistant turn (special tokens removed except tool tags). Returns the observation text
+        for the next user turn, or None when the episode is over."""
+        self.turns.append(text)
+        self.n_tags += TOOL_OPEN in text  # turns that open a call: repeating the tag in one turn pays nothing
+        calls, error = self.parse(text)
+        if error is None and not calls:  # a plain response ends the episode
+            self.done, self.final_answer = True, text
+            return None
+        if error is not None:
+            self.n_errors += 1
+            if self.end_on_call_error and error != "empty tool call":
+                self.done = True  # the environment cannot tell what was meant
+                return None
+            results = [{"error": error}]
+        else:
+            self.n_calls += len(calls)
+            results = [self.task.execute(c["name"], c["arguments"]) for c in calls]
+            failed = sum("error" in r for r in results)
+            self.n_errors += failed
+            if failed and self.end_on_call_error:
+                self.done = True  # a failed API call ends the episode in a strict harness
+                return None
+        if len(self.turns) >= self.max_turns:
+            self.done = True
+            return None
+        return "\n".join(f"{RESP_OPEN}\n{json.dumps(r)}\n{RESP_CLOSE}" for r in results)
+
+    @property
+    def success(self) -> bool:
+        if self.final_answer is None:
+            return False
+        words = re.findall(r"[A-Za-z0-9_]+", self.final_answer)
+        return self.task.answer in words
+
+
+def oracle_turns(task: Task, *, empty_call_retries: int = 0) -> list[tuple[str, str | None]]:
+    """Expert trajectory as (assistant turn, observation) pairs.
+
+    `empty_call_retries` inserts that many "bare open tag -> tool error -> retry" turns before the first call,
+    the kind of trace real agent SFT data holds and which keeps p(end of turn | open tag) small but non-zero.
+    """
+    turns: list[tuple[str, str | None]] = []
+    for _ in range(empty_call_retries):
+        turns.append((f"{TOOL_OPEN}\n", f"{RESP_OPEN}\n" + json.dumps({"error": "empty tool call"}) + f"\n{RESP_CLOSE}"))
+    for name, args, obs in task.oracle_calls():
+        turns.append((render_call(name, args), f"{RESP_OPEN}\n{json.dumps(obs)}\n{RESP_CLOSE}"))
+    turns.append((render_answer(task.answer), None))
+    return turns
