@@ -71,7 +71,7 @@ def score_episode(fmt: ToolFormat, task: world.Task, turns: Sequence[str], succe
 def max_new_tokens_for(fmt: ToolFormat, tok, *, floor: int = 40, n_tasks: int = 8) -> int:
     """Room for the longest oracle turn of this format with this tokenizer (x1.5), at least `floor`."""
     longest = 0
-    for task in world.task_split("probe", n_tasks, offset=777):
+    for task in world.task_split("format_probe", n_tasks):
         for turn in fmt.oracle_turns(task):
             longest = max(longest, len(tok.encode(turn, add_special_tokens=False)))
     return max(floor, int(longest * 1.5) + 8)

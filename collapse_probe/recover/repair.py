@@ -24,7 +24,7 @@ import torch
 
 from collapse_probe.capture.probe_set import ProbeSet
 from collapse_probe import world
-from collapse_probe.train.trainer import TrainConfig, _sft_step, evaluate
+from collapse_probe.train.trainer import TrainConfig, sft_step, evaluate
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -51,7 +51,7 @@ def sft_until(model, tok, *, target: float, max_steps: int, eval_every: int = 5,
               phase: str = "repair", progress: Progress | None = None) -> dict:
     """SFT `model` in place on the oracle pool until greedy success >= target (checked every `eval_every`
     steps and after the last) or `max_steps`. Returns steps, success, reached, and the success curve."""
-    tasks = world.task_split("train", pool, offset=7_000_000 + seed * 1000)
+    tasks = world.task_split("repair", pool, run_seed=seed)
     cfg = TrainConfig(mode="sft", lr=lr, retry_frac=0.0, grad_clip=1.0, sft_batch=batch)
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -62,7 +62,7 @@ def sft_until(model, tok, *, target: float, max_steps: int, eval_every: int = 5,
     for step in range(1, max_steps + 1):
         chunk = [tasks[(cursor + i) % len(tasks)] for i in range(batch)]
         cursor = (cursor + batch) % len(tasks)
-        _sft_step(model, opt, tok, chunk, cfg, rng)
+        sft_step(model, opt, tok, chunk, cfg, rng)
         if step % eval_every == 0 or step == max_steps:
             success = evaluate(model, tok, n=n, max_turns=max_turns)
             curve.append((step, success))

@@ -26,6 +26,8 @@ from collapse_probe.train.trainer import TrainConfig, train
 # end-of-turn collects the bonus and gets an error observation, so GRPO can farm it (the bare-tag shortcut).
 _BONUS_REWARD = {"correct": 1.0, "wrong": 0.0, "no_answer": 0.0, "tag_bonus": 0.5, "max_bonus_tags": 12}
 _OUTCOME_REWARD = {"correct": 1.0, "wrong": 0.0, "no_answer": 0.0, "tag_bonus": 0.0, "max_bonus_tags": 12}
+# Bump when the task draw changes, so a cached SFT model trained on other tasks is not reused.
+TASK_SEEDS_VERSION = "tasks-v2"
 _RL = dict(steps=50, warmup_steps=10, max_turns=12, eval_every=0, probe_every=5, save_every=5)
 
 PRESETS: dict[str, TrainConfig] = {
@@ -78,7 +80,7 @@ def cache_dir() -> Path:
 def sft_checkpoint(*, progress: Callable[[int, dict], None] | None = None, steps: int | None = None) -> Path:
     """The cached SFT model every RL preset starts from; trained (seed 0) on first use."""
     cfg = get_preset("sft", steps=steps)
-    key = hashlib.sha1(cfg.to_json().encode()).hexdigest()[:10]
+    key = hashlib.sha1((TASK_SEEDS_VERSION + cfg.to_json()).encode()).hexdigest()[:10]
     run = cache_dir() / f"sft-{key}"
     ckpt = run / f"checkpoint-{cfg.steps}"
     if (ckpt / "model.safetensors").exists():

@@ -49,7 +49,7 @@ def default_corpus(n_tasks: int = 400) -> list[str]:
     from collapse_probe.world import observation_text, prompt_text
 
     texts = []
-    for task in world.task_split("train", n_tasks, offset=5_000_000):
+    for task in world.task_split("tokenizer", n_tasks):
         parts = [prompt_text(task)]
         for turn, obs in world.oracle_turns(task):
             parts.append(turn + world.IM_END)

@@ -88,7 +88,6 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dic
     log, rlog = RunLog(out), RolloutLog(out)
     failed: list[world.Task] = []
     spec = FormatSpec.hermes()
-    task_offset = cfg.seed * 1_000_000
     last_ckpt = out
     model.train()
     for step in range(cfg.steps + 1):
@@ -109,10 +108,11 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dic
         for g in opt.param_groups:
             g["lr"] = cfg.lr * scale
         if cfg.mode == "sft":
-            tasks = world.task_split("train", cfg.sft_batch, offset=task_offset + step * cfg.sft_batch)
-            rec.update(_sft_step(model, opt, tok, tasks, cfg, rng))
+            tasks = world.task_split("train", cfg.sft_batch, offset=step * cfg.sft_batch, run_seed=cfg.seed)
+            rec.update(sft_step(model, opt, tok, tasks, cfg, rng))
         else:
-            tasks = world.task_split("train", cfg.prompts_per_step, offset=task_offset + step * cfg.prompts_per_step)
+            tasks = world.task_split("train", cfg.prompts_per_step, offset=step * cfg.prompts_per_step,
+                                     run_seed=cfg.seed)
             trajs = rollout(model, tok, tasks, group_size=cfg.group_size, max_turns=cfg.max_turns,
                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, reward=reward,
                             seed=cfg.seed * 100_003 + step)
@@ -153,7 +153,7 @@ def _load(cfg: TrainConfig):
     return model, tok
 
 
-def _sft_step(model, opt, tok, tasks, cfg: TrainConfig, rng: random.Random, lr: float | None = None) -> dict:
+def sft_step(model, opt, tok, tasks, cfg: TrainConfig, rng: random.Random, lr: float | None = None) -> dict:
     seqs, masks = sft.oracle_batch(tok, tasks, retry_frac=cfg.retry_frac, rng=rng)
     batch = sft.collate(seqs, masks, tok.pad_token_id)
     previous = opt.param_groups[0]["lr"]
@@ -177,8 +177,9 @@ def _interleave(model, opt, tok, failed: list[world.Task], cfg: TrainConfig, rng
     losses = []
     for _ in range(cfg.sft_steps):
         pool = failed[: cfg.sft_batch]
-        fill = world.task_split("train", cfg.sft_batch - len(pool), offset=9_000_000 + rng.randrange(10**6))
-        m = _sft_step(model, opt, tok, pool + fill, cfg, rng, lr=cfg.sft_lr or cfg.lr)
+        fill = world.task_split("train_fill", cfg.sft_batch - len(pool), offset=rng.randrange(10**6),
+                                run_seed=cfg.seed)
+        m = sft_step(model, opt, tok, pool + fill, cfg, rng, lr=cfg.sft_lr or cfg.lr)
         losses.append(m["loss"])
     return {"sft/loss": sum(losses) / len(losses), "sft/steps": float(len(losses))}
 

@@ -137,7 +137,21 @@ def make_task(seed: int, kind: str | None = None) -> Task:
     return Task(seed, kind, template.format(name=f'"{subject}"'), chain, subject, users, friend, city, sky)
 
 
-def task_split(split: str, n: int, offset: int = 0) -> list[Task]:
-    """Disjoint seed ranges: train tasks never appear in eval."""
-    base = {"train": 0, "eval": 10_000_000, "probe": 20_000_000}[split]
-    return [make_task(base + offset + i) for i in range(n)]
+# Every consumer draws its tasks from its own split; a task's seed encodes (split, run seed, index) so that no two
+# splits and no two run seeds ever share a task (asserted for run seeds 0..10,000 in tests/test_world.py).
+SPLITS = ("train", "train_fill", "eval", "probe", "format_probe", "repair", "tokenizer")
+TASKS_PER_RUN_SEED = 10_000_000  # indices a run seed may use within one split
+
+
+def task_seed(split: str, index: int, run_seed: int = 0) -> int:
+    """The seed of task `index` of `split` for run seed `run_seed` (disjoint across splits and run seeds)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown task split {split!r}: use one of {', '.join(SPLITS)}")
+    if not 0 <= index < TASKS_PER_RUN_SEED or run_seed < 0:
+        raise ValueError(f"task index {index} / run seed {run_seed} out of range")
+    return (run_seed * TASKS_PER_RUN_SEED + index) * len(SPLITS) + SPLITS.index(split)
+
+
+def task_split(split: str, n: int, offset: int = 0, run_seed: int = 0) -> list[Task]:
+    """Tasks `offset .. offset + n - 1` of `split` for `run_seed`."""
+    return [make_task(task_seed(split, offset + i, run_seed)) for i in range(n)]
