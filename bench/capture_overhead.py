@@ -63,6 +63,7 @@ def gpu_case(shape: str, batch: int, seq: int):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from collapse_probe.capture.hooks import ControlTokenCapture
+    from collapse_probe.schema import Position, Source, cp_count_key
     from collapse_probe.tokens import ControlTokens
 
     hidden, layers, heads, kv, inter = SHAPES[shape]
@@ -98,7 +99,7 @@ def gpu_case(shape: str, batch: int, seq: int):
         model.zero_grad(set_to_none=True)
         if capture_on:
             stats = capture.pop()  # once per step, at logging time: the only host sync capture adds
-            assert stats.get("cp/rollout/after_open/count", 0) > 0
+            assert stats.get(cp_count_key(Source.ROLLOUT, Position.AFTER_OPEN), 0) > 0
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 

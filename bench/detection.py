@@ -59,13 +59,13 @@ def train_missing(corpus: Path, names: list[str], seeds: tuple[int, ...], steps:
 
 
 def score(corpus: Path) -> dict:
-    from collapse_probe.detect.verdict import analyse_timeline
+    from collapse_probe.detect.monitor import replay
     from collapse_probe.timeline import Timeline
 
     rows = []
     for run in sorted(p for p in corpus.iterdir() if (p / "metrics.jsonl").exists()):
         tl = Timeline.from_run(run)
-        v = analyse_timeline(tl, source="rollout", online=True)
+        v = replay(tl.records())
         d = v.to_dict()
         truth = d["collapse_step"]
         # Every detector is scored by when it would have alarmed online (detected_at), not its dated onset.

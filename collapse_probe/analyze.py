@@ -2,12 +2,12 @@
 
 PATH is one of
 * a run directory / metrics JSONL (ours, a callback's `collapse_probe/metrics.jsonl`, or verl's file logger):
-  records -> `Timeline` -> `analyse_timeline`;
+  records -> `Timeline` -> replayed through the collapse monitor (the one `watch` runs live);
 * a checkpoint directory: `checkpoint-N/` subdirectories (HF Trainer, TRL, our trainer), verl
   `global_step_N/actor/huggingface/`, or one save_pretrained directory. Each checkpoint is loaded (safetensors
   only, never remote code), the fixed probe set is scored on it and, when the tokenizer speaks the embedded
-  tool world, greedy success is measured; the per-checkpoint records form a Timeline keyed by step, analysed
-  with the offline change-point detector on the probe captures.
+  tool world, greedy success is measured; the per-checkpoint records are replayed through the same monitor in
+  its checkpoint mode (a spike is a >= 1.0 log-odds move from the first checkpoint: few, noise-free points).
 
 Checkpoint scores are cached outside the checkpoint folder (default
 `$COLLAPSE_PROBE_CACHE/analyze/<hash of the absolute path>/scores.jsonl`, COLLAPSE_PROBE_CACHE defaulting to
@@ -21,71 +21,18 @@ import hashlib
 import json
 import math
 import os
-import re
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from collapse_probe import schema
+from collapse_probe.detect.monitor import replay
 from collapse_probe.errors import UserError
+from collapse_probe.rundir import Checkpoint, RunDir
+from collapse_probe.timeline import Timeline
 
-__all__ = ["analyze", "find_checkpoints", "Checkpoint", "default_cache_dir", "CHECKPOINT_MIN_SIZE"]
+__all__ = ["analyze", "default_cache_dir", "score_checkpoint", "render"]
 
-# Probe captures on fixed contexts carry no sampling noise and checkpoints are sparse (every 5-50 steps), so the
-# change-point detector may cut segments of 3 checkpoints (instead of its default 5 training steps).
-CHECKPOINT_MIN_SIZE = 3
-_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
-_VERL_RE = re.compile(r"^global_step_(\d+)$")
 _CACHE_VERSION = 1
-_FINGERPRINTED = ("config.json", "model.safetensors.index.json")
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    step: int
-    path: Path
-
-    def fingerprint(self) -> str:
-        """Size and mtime of the weight and config files (what changes when a checkpoint is rewritten)."""
-        parts = []
-        for f in sorted(self.path.iterdir()):
-            if f.is_file() and (f.suffix == ".safetensors" or f.name in _FINGERPRINTED):
-                st = f.stat()
-                parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
-        return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
-
-
-def _is_model_dir(p: Path) -> bool:
-    return (p / "config.json").is_file()
-
-
-def find_checkpoints(path: Path) -> list[Checkpoint]:
-    """Checkpoints under `path`, sorted by step (empty when there are none)."""
-    found: dict[int, Path] = {}
-    for d in path.iterdir() if path.is_dir() else []:
-        if not d.is_dir():
-            continue
-        m = _CKPT_RE.match(d.name)
-        if m:
-            found[int(m.group(1))] = d
-            continue
-        m = _VERL_RE.match(d.name)
-        if m:
-            hf = d / "actor" / "huggingface"
-            if hf.is_dir():
-                found[int(m.group(1))] = hf
-    if not found and _is_model_dir(path) and any(path.glob("*.safetensors")):
-        m = _CKPT_RE.match(path.name) or _VERL_RE.match(path.name)
-        step = int(m.group(1)) if m else _state_step(path)
-        found[step] = path
-    return [Checkpoint(s, found[s]) for s in sorted(found)]
-
-
-def _state_step(p: Path) -> int:
-    try:
-        return int(json.loads((p / "trainer_state.json").read_text())["global_step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
 
 
 def default_cache_dir(path: Path) -> Path:
@@ -201,30 +148,6 @@ def score_checkpoint(ck: Checkpoint, *, eval_tasks: int = 32, probe_convs=None, 
 
 
 # ---------------------------------------------------------------------------------------------- analysis
-def _read_run(path: Path):
-    from collapse_probe.runlog import read_records, resolve_metrics_path
-    from collapse_probe.timeline import Timeline
-
-    f = resolve_metrics_path(path)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            records = read_records(f)
-        except UnicodeDecodeError:
-            raise UserError(f"{f} is not JSONL (binary data): pass a metrics file written by collapse-probe, "
-                            "TRL or verl") from None
-    skipped = sum("skipped line" in str(w.message) for w in caught)
-    if not records:
-        raise UserError(f"{f} holds no records (an empty run): wait until the run has logged a step, or pass "
-                        "another run")
-    return Timeline.from_records(records, path=f), f, skipped
-
-
-def _pick_source(tl) -> str:
-    srcs = tl.sources()
-    return "rollout" if "rollout" in srcs or "probe" not in srcs else "probe"
-
-
 def _final_mix(tl) -> dict:
     mix = tl.state_mix().dropna(how="all")
     return {} if mix.empty else {k: float(v) for k, v in mix.iloc[-1].items() if v == v}
@@ -241,24 +164,21 @@ def analyze(path: str | os.PathLike, *, eval_tasks: int = 32, probe: str | os.Pa
             progress: Callable[[int, int, str], None] | None = None) -> dict:
     """The verdict as a JSON-able dict (Verdict.to_dict() plus context keys). `progress(done, total, label)`
     is called around each checkpoint scored. `checkpoints=True` scores checkpoints even when metrics exist."""
-    from collapse_probe.detect.verdict import analyse_timeline
-
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p} does not exist: pass a run directory, a metrics JSONL file or a checkpoint directory")
-    has_metrics = p.is_file() or (p / "metrics.jsonl").is_file() or (p / "collapse_probe" / "metrics.jsonl").is_file()
-    ckpts = find_checkpoints(p) if p.is_dir() else []
-    if has_metrics and not (checkpoints and ckpts):
-        tl, f, skipped = _read_run(p)
-        source = _pick_source(tl)
-        v = analyse_timeline(tl, source=source)
+    run = RunDir(p)
+    ckpts = run.checkpoints() if p.is_dir() else []
+    if run.has_metrics() and not (checkpoints and ckpts):
+        tl = Timeline.from_run(p)
+        v = replay(tl.records())
         out = v.to_dict()
         succ = tl.success().dropna()
-        out.update({"kind": "run", "path": str(f), "source": source, "steps": len(tl),
+        out.update({"kind": "run", "path": str(tl.path), "steps": len(tl),
                     "first_step": int(tl.steps[0]), "last_step": int(tl.steps[-1]),
                     "success_first": _clean(float(succ.iloc[0])) if len(succ) else None,
                     "success_last": _clean(float(succ.iloc[-1])) if len(succ) else None,
-                    "final_state_mix": _final_mix(tl), "skipped_lines": skipped, "summary": v.summary()})
+                    "final_state_mix": _final_mix(tl), "skipped_lines": tl.skipped_lines, "summary": v.summary()})
         return out
     if not ckpts:
         if checkpoints:
@@ -270,10 +190,6 @@ def analyze(path: str | os.PathLike, *, eval_tasks: int = 32, probe: str | os.Pa
 
 
 def _analyze_checkpoints(p: Path, ckpts: list[Checkpoint], *, eval_tasks, probe, cache, progress) -> dict:
-    from collapse_probe.detect.detectors import detect_reward_drop
-    from collapse_probe.detect.verdict import analyse_timeline
-    from collapse_probe.timeline import Timeline
-
     if eval_tasks < 0:
         raise UserError(f"--eval-tasks {eval_tasks} is negative: pass 0 to skip the success evaluation")
     probe_convs = probe_tools = None
@@ -307,58 +223,21 @@ def _analyze_checkpoints(p: Path, ckpts: list[Checkpoint], *, eval_tasks, probe,
                 hf_logging.enable_progress_bar()
     records = [store.get(ck, settings)["record"] for ck in ckpts]
     tl = Timeline.from_records(records, path=p)
-    v = analyse_timeline(tl, source="probe", online=False, min_size=CHECKPOINT_MIN_SIZE)
-    # Checkpoint series are few and noise-free (a fixed probe set, no sampling): a change-point model is
-    # the wrong tool there. The spike is the first checkpoint whose probability moved >= 1.0 log-odds away
-    # from the first checkpoint's (up for control tokens, down for the JSON opening).
-    v.events = [e for e in v.events if e.kind != "control_spike"] + checkpoint_spikes(tl)
-    v.events.sort(key=lambda e: (e.step, e.detected_at, e.kind, e.key))
-    v.spike_step = min((e.step for e in v.events if e.kind == "control_spike"), default=None)
-    warn = min((s for s in (v.spike_step, v.breakage_step) if s is not None), default=None)
-    v.lead_steps = v.collapse_step - warn if v.collapse_step is not None and warn is not None else None
-    v.collapsed = v.collapse_step is not None and warn is not None
-    succ = tl.success()
-    have_succ = bool(succ.notna().any())
-    succ_step = detect_reward_drop(tl.steps, succ.to_numpy()) if have_succ else None
+    # Checkpoint series are few and noise-free (a fixed probe set, no sampling): the spike is a move of >= 1.0
+    # log-odds from the first checkpoint (detect/shift.py); the collapse rule is the same as for a run.
+    v = replay(records, source=schema.Source.PROBE.value, checkpoints=True)
     rows = []
     for rec in records:
         rows.append({"step": rec["step"], "success": _clean(rec.get("success")),
-                     "p_end_of_turn": _clean(rec.get("cp/probe/after_open/end_of_turn")),
-                     "p_json_open": _clean(rec.get("cp/probe/after_open/json_open")),
-                     "p_tool_open": _clean(rec.get("cp/probe/after_open/tool_open"))})
+                     **{f"p_{role}": _clean(rec.get(schema.cp_key(schema.Source.PROBE, schema.Position.AFTER_OPEN,
+                                                                   role)))
+                        for role in ("end_of_turn", "json_open", "tool_open")}})
     out = v.to_dict()
     out.update({"kind": "checkpoints", "path": str(p), "source": "probe", "steps": len(tl),
                 "first_step": int(tl.steps[0]), "last_step": int(tl.steps[-1]),
-                "success_collapse_step": succ_step, "scored": scored, "cached": len(ckpts) - scored,
+                "scored": scored, "cached": len(ckpts) - scored,
                 "cache": str(store.path), "checkpoints": rows, "summary": v.summary()})
     return out
-
-
-def checkpoint_spikes(tl, *, position: str = "after_open", min_rise: float = 1.0, min_value: float = 0.01,
-                      falling_roles: tuple[str, ...] = ("json_open",)) -> list:
-    """First checkpoint where each role's probe probability rose (fell, for `falling_roles`) by at least
-    `min_rise` log-odds relative to the first checkpoint; rises must reach `min_value`."""
-    import numpy as np
-
-    from collapse_probe.detect.detectors import Event
-
-    events = []
-    for role, series in tl.control_series("probe", position).items():
-        vals = series.to_numpy(dtype=float)
-        ok = ~np.isnan(vals)
-        if ok.sum() < 2:
-            continue
-        steps, vals = tl.steps[ok], np.clip(vals[ok], 1e-6, 1 - 1e-6)
-        logit = np.log(vals / (1 - vals))
-        sign = -1.0 if role in falling_roles else 1.0
-        moved = sign * (logit - logit[0]) >= min_rise
-        if sign > 0:
-            moved &= vals >= min_value
-        if moved.any():
-            i = int(np.argmax(moved))
-            events.append(Event("control_spike", f"cp/probe/{position}/{role}", role, position, int(steps[i]),
-                                int(steps[i]), float(sign * (logit[i] - logit[0])), "up" if sign > 0 else "down"))
-    return events
 
 
 _JSON_HEAD = 'p({"|open)'
@@ -381,7 +260,5 @@ def render(result: dict) -> str:
             f = lambda v, w: f"{v:>{w}.3f}" if isinstance(v, (int, float)) else f"{'-':>{w}}"  # noqa: E731
             lines.append(f"{r['step']:>7}  {f(r['success'], 7)}  {f(r['p_end_of_turn'], 11)}  "
                          f"{f(r['p_json_open'], 10)}")
-        s = result.get("success_collapse_step")
-        lines.append(f"success-based collapse: {'none' if s is None else f'step {s}'}")
     lines.append(result["summary"])
     return "\n".join(lines)

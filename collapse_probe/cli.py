@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 
 from collapse_probe.errors import UserError
+from collapse_probe.schema import POSITIONS, Position
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find out why tool-use RL runs collapse, warn before they do, show the skill survives.")
@@ -51,16 +52,18 @@ def train(
                                    help="Override any TrainConfig field, e.g. --set group_size=4 --set reward.tag_bonus=0"),
 ) -> None:
     """Train with a preset: SFT from scratch, or GRPO / interleaved SFT+RL from the SFT model."""
-    from collapse_probe.train.presets import apply_overrides, get_preset, sft_checkpoint
-    from collapse_probe.train.trainer import train as run_train
+    from collapse_probe.train.config import Mode, apply_overrides
+    from collapse_probe.train.presets import get_preset, sft_checkpoint
+    from collapse_probe.train.trainer import check_run_dir, train as run_train
 
     cfg = apply_overrides(get_preset(preset, seed=seed, steps=steps, lr=lr), set_)
     start = model or init
-    if start is None and cfg.mode != "sft":
+    if start is None and cfg.mode is not Mode.SFT:
         err.print(f"[dim]{preset} starts from the sft model (cached after the first run)[/dim]")
         with _progress("sft (first use, cached)", get_preset("sft").steps) as bar:
             start = str(sft_checkpoint(progress=bar))
     cfg.init = start
+    check_run_dir(out_dir, cfg)  # before the progress bar, so a refusal is one line
     with _progress(f"{preset} seed {seed}", cfg.steps) as bar:
         last = run_train(cfg, out_dir, progress=bar)
     err.print(f"wrote {out_dir} (last checkpoint {last.name})")
@@ -96,19 +99,17 @@ class _progress:
 def formats(
     path: Path = typer.Argument(..., help="JSONL of turns, our rollouts/, TRL completions/*.parquet or verl rollout dumps."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    syntax: str = typer.Option("hermes", "--format", help="Tool-call syntax: hermes | qwen | llama3 | mistral."),
+    syntax: str = typer.Option("hermes", "--format", help="Tool-call syntax: hermes (alias canonical), "
+                               "renamed_tags, json, python_list, xml, markdown, llama3, mistral."),
     known_tools: Optional[str] = typer.Option(None, help="Comma-separated tool names; others count as unknown_tool."),
     step_bins: Optional[int] = typer.Option(None, help="Also break the counts into this many step ranges."),
 ) -> None:
     """Classify every assistant turn: healthy tool call / healthy response / text pollution / full collapse."""
-    from collapse_probe.formats.classify import FormatSpec
+    from collapse_probe.formats.registry import get_syntax
     from collapse_probe.detect.rollout_files import load_turns, render_summary, summarise_turns
 
     tools = frozenset(t.strip() for t in known_tools.split(",") if t.strip()) if known_tools else None
-    try:
-        spec = FormatSpec.preset(syntax, known_tools=tools)
-    except ValueError:
-        raise UserError(f"unknown --format {syntax!r}: use hermes, qwen, llama3 or mistral") from None
+    spec = get_syntax(syntax).spec(tools)  # UserError naming every format for an unknown one
     turns = load_turns(path, spec)
     summary = summarise_turns(turns, spec, step_bins=step_bins)
     if as_json:
@@ -143,9 +144,9 @@ def tokens(
 @app.command()
 def export(run_dir: Path = typer.Argument(...), out_path: Path = typer.Argument(..., help="OUT.parquet or OUT.csv")) -> None:
     """Export a run's metrics to Parquet or CSV for pandas users."""
-    from collapse_probe.runlog import export as do_export
+    from collapse_probe.timeline import Timeline
 
-    err.print(f"wrote {do_export(run_dir, out_path)}")
+    err.print(f"wrote {Timeline.from_run(run_dir).export(out_path)}")
 
 
 # ----------------------------------------------------------------------------------------------- watch
@@ -165,7 +166,7 @@ def watch(
                                                 "COLLAPSE_PROBE_COLLAPSED."),
     poll: float = typer.Option(0.2, "--poll", metavar="SECONDS", help="Poll interval."),
     source: str = typer.Option("auto", help="Captures to monitor: auto | rollout | probe."),
-    position: str = typer.Option("after_open", help="Decision position to monitor."),
+    position: str = typer.Option(Position.AFTER_OPEN.value, help=f"Decision position to monitor: {', '.join(POSITIONS)}."),
 ) -> None:
     """Follow a live run and alert as it happens; exit 2 once a collapse is confirmed, else 0.
 
@@ -266,9 +267,10 @@ def recover(
     ckpt: Path = typer.Argument(..., help="A checkpoint directory (HF save_pretrained layout, safetensors)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     formats: Optional[str] = typer.Option(None, "--formats", metavar="A,B",
-                                          help="Comma-separated formats to try (default: all): canonical, "
-                                               "renamed_tags, untagged_json, python_list, xml, markdown_fence, "
-                                               "reworded, renamed_tools."),
+                                          help="Comma-separated formats to try (default: all but llama3, "
+                                               "mistral): hermes (alias canonical), renamed_tags, json, "
+                                               "python_list, xml, markdown, llama3, mistral, reworded, "
+                                               "renamed_tools."),
     n: int = typer.Option(32, "-n", "--n", help="Greedy held-out tasks per probe."),
     repair_steps: int = typer.Option(50, "--repair-steps", help="At most this many SFT repair steps."),
     fresh_max_steps: int = typer.Option(300, "--fresh-max-steps",

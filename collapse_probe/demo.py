@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from collapse_probe.detect.verdict import OnlineMonitor, analyse_timeline
-from collapse_probe.timeline import Timeline
+from collapse_probe.detect.monitor import CollapseMonitor
+from collapse_probe.rundir import RunDir
 from collapse_probe.train.presets import get_preset, sft_checkpoint
 from collapse_probe.train.trainer import train
 
@@ -53,7 +53,7 @@ def run_demo(out_dir: str | Path = "reports/demo", *, work_dir: str | Path = "ru
     if run_dir.exists():
         import shutil
         shutil.rmtree(run_dir)  # a fresh run: the demo's log must hold one run only
-    monitor = OnlineMonitor()
+    monitor = CollapseMonitor()  # the same monitor `watch` runs; its verdict is `analyze`'s (a replay)
     first_alert: list[int] = []
 
     with bar(f"grpo-collapse seed {seed}", cfg.steps) as b:
@@ -64,9 +64,8 @@ def run_demo(out_dir: str | Path = "reports/demo", *, work_dir: str | Path = "ru
                 say(f"  ALERT step {step}: {ev.kind} {ev.role or ev.key} (onset step {ev.step})")
         last_ckpt = train(cfg, run_dir, progress=on_step)
 
-    # 3. Offline verdict, figure.
-    tl = Timeline.from_run(run_dir)
-    verdict = analyse_timeline(tl, source="rollout", online=False)
+    # 3. The verdict the monitor reached while the run trained.
+    verdict = monitor.verdict()
     say(verdict.summary())
 
     # 4. Recovery forensics on the last checkpoint.
@@ -74,8 +73,9 @@ def run_demo(out_dir: str | Path = "reports/demo", *, work_dir: str | Path = "ru
     sections: list[tuple[str, str]] = []
     if not skip_recovery:
         from collapse_probe.recover import recovery_markdown, run_recovery
-        ckpt = first_collapsed_checkpoint(run_dir) or last_ckpt
-        say(f"recovery forensics on {ckpt.name}, the first checkpoint after success fell below 20% of its start "
+        at = None if verdict.collapse_step is None else RunDir(run_dir).checkpoint_at_or_after(verdict.collapse_step)
+        ckpt = last_ckpt if at is None else at.path
+        say(f"recovery forensics on {ckpt.name}, the first checkpoint at or after the reward drop "
             "(format grid, masked decoding, SFT repair)")
         recovery = run_recovery(ckpt, n=8 if fast else 32, repair_steps=4 if fast else 50,
                                 fresh_max_steps=8 if fast else 300, progress=phase_progress)
@@ -88,22 +88,6 @@ def run_demo(out_dir: str | Path = "reports/demo", *, work_dir: str | Path = "ru
     (out_dir / "verdict.json").write_text(json.dumps(verdict.to_dict(), indent=2, default=str))
     return DemoResult(run_dir, report, verdict.to_dict(), first_alert[0] if first_alert else None, recovery,
                       time.time() - t0)
-
-
-def first_collapsed_checkpoint(run_dir: Path, frac: float = 0.2) -> Path | None:
-    """The first saved checkpoint at or after the step where success fell below `frac` of its first value:
-    the model right at its collapse, before further updates spread the damage."""
-    from collapse_probe.runlog import read_records
-
-    recs = [r for r in read_records(run_dir, warn=False) if isinstance(r.get("success"), (int, float))]
-    if not recs:
-        return None
-    start = recs[0]["success"]
-    step = next((r["step"] for r in recs if r["success"] < frac * start), None)
-    if step is None:
-        return None
-    saved = sorted((int(p.name.split("-")[1]), p) for p in run_dir.glob("checkpoint-*") if p.name[11:].isdigit())
-    return next((p for s, p in saved if s >= step), None)
 
 
 class _NullBar:

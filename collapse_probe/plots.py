@@ -18,7 +18,8 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from collapse_probe.errors import UserError  # noqa: E402
-from collapse_probe.timeline import FORMAT_STATES, Timeline  # noqa: E402
+from collapse_probe import schema  # noqa: E402
+from collapse_probe.timeline import Timeline  # noqa: E402
 
 OKABE_ITO = {"orange": "#E69F00", "sky": "#56B4E9", "green": "#009E73", "yellow": "#F0E442",
              "blue": "#0072B2", "vermillion": "#D55E00", "purple": "#CC79A7", "black": "#000000"}
@@ -26,10 +27,11 @@ ROLE_COLOURS = {"end_of_turn": OKABE_ITO["vermillion"], "json_open": OKABE_ITO["
                 "tool_open": OKABE_ITO["blue"], "tool_close": OKABE_ITO["orange"], "json_close": OKABE_ITO["sky"],
                 "eos": OKABE_ITO["purple"]}
 _SPARE = [OKABE_ITO[c] for c in ("yellow", "sky", "orange", "purple")]
-STATE_COLOURS = {"healthy_tool_call": OKABE_ITO["green"], "healthy_response": OKABE_ITO["sky"],
-                 "text_pollution": OKABE_ITO["orange"], "full_collapse": OKABE_ITO["vermillion"]}
-STATE_LABELS = {"healthy_tool_call": "healthy call", "healthy_response": "healthy reply",
-                "text_pollution": "text pollution", "full_collapse": "full collapse"}
+_S = schema.FormatState
+STATE_COLOURS = {_S.HEALTHY_TOOL_CALL.value: OKABE_ITO["green"], _S.HEALTHY_RESPONSE.value: OKABE_ITO["sky"],
+                 _S.TEXT_POLLUTION.value: OKABE_ITO["orange"], _S.FULL_COLLAPSE.value: OKABE_ITO["vermillion"]}
+STATE_LABELS = {_S.HEALTHY_TOOL_CALL.value: "healthy call", _S.HEALTHY_RESPONSE.value: "healthy reply",
+                _S.TEXT_POLLUTION.value: "text pollution", _S.FULL_COLLAPSE.value: "full collapse"}
 STYLE = {"font.size": 7, "axes.titlesize": 7, "axes.labelsize": 7, "xtick.labelsize": 7, "ytick.labelsize": 7,
          "legend.fontsize": 7, "axes.linewidth": 0.6, "xtick.major.width": 0.6, "ytick.major.width": 0.6,
          "xtick.major.size": 2.5, "ytick.major.size": 2.5, "ytick.minor.size": 1.5, "lines.linewidth": 1.1,
@@ -48,8 +50,10 @@ def _probabilities(ax, tl: Timeline) -> tuple[list[Line2D], list[Line2D]]:
     spare: dict[str, str] = {}
     seen: dict[str, str] = {}
     drawn: set[str] = set()
-    lines = [("rollout", "after_open", "-", 1.1, 1.0), ("probe", "after_open", "--", 1.0, 0.9),
-             ("rollout", "turn_start", ":", 0.9, 0.8)]
+    rollout, probe = schema.Source.ROLLOUT.value, schema.Source.PROBE.value
+    after_open, turn_start = schema.Position.AFTER_OPEN.value, schema.Position.TURN_START.value
+    lines = [(rollout, after_open, "-", 1.1, 1.0), (probe, after_open, "--", 1.0, 0.9),
+             (rollout, turn_start, ":", 0.9, 0.8)]
     for source, position, ls, lw, alpha in lines:
         for role, s in tl.control_series(source, position).items():
             s = s.dropna()
@@ -57,7 +61,7 @@ def _probabilities(ax, tl: Timeline) -> tuple[list[Line2D], list[Line2D]]:
                 continue
             colour = _role_colour(role, spare)
             seen.setdefault(role, colour)
-            drawn.add(source if position == "after_open" else "turn")
+            drawn.add(source if position == after_open else "turn")
             ax.plot(s.index, s.clip(lower=P_FLOOR), ls=ls, lw=lw, color=colour, alpha=alpha)
     ax.set_yscale("log")
     ax.set_ylim(P_FLOOR, 1.3)
@@ -76,7 +80,7 @@ def _states(ax, tl: Timeline) -> None:
         ax.text(0.5, 0.5, "format states not logged", ha="center", va="center", transform=ax.transAxes,
                 color="0.4", zorder=5, bbox=dict(boxstyle="square,pad=0.2", fc="white", ec="none"))
     else:
-        cols = [c for c in FORMAT_STATES if c in mix]
+        cols = [c for c in schema.STATES if c in mix]
         polys = ax.stackplot(mix.index, *[mix[c].to_numpy() for c in cols], colors=[STATE_COLOURS[c] for c in cols],
                              alpha=0.85, linewidth=0)
         tops = mix[cols].cumsum(axis=1)
@@ -116,7 +120,7 @@ def _outcome(ax, tl: Timeline) -> None:
 
 def _onsets(axes, verdict) -> None:
     marks = [(verdict.spike_step, "spike", (0, (3, 1.5))), (verdict.breakage_step, "breakage", (0, (1, 1))),
-             (verdict.collapse_step, "collapse", "-")]
+             (verdict.collapse_step, "reward drop", "-"), (verdict.first_alert_step, "first alert", (0, (6, 2)))]
     marks = sorted((m for m in marks if m[0] is not None), key=lambda m: m[0])
     x0, x1 = axes[0].get_xlim()
     level, prev = 0, None
@@ -128,9 +132,9 @@ def _onsets(axes, verdict) -> None:
         prev = step
         axes[0].annotate(label, (step, 1.0), xycoords=("data", "axes fraction"), xytext=(0, 2 + 7 * level),
                          textcoords="offset points", ha="center", va="bottom", fontsize=7, annotation_clip=False)
-    warn = [s for s in (verdict.spike_step, verdict.breakage_step) if s is not None]
-    if warn and verdict.collapse_step is not None and verdict.lead_steps is not None:
-        ax, start = axes[-1], min(warn)
+    # the lead is drawn from the step at which the first alert was available, not from its back-dated onset
+    if verdict.first_alert_step is not None and verdict.lead_steps is not None and verdict.lead_steps > 0:
+        ax, start = axes[-1], verdict.first_alert_step
         ax.annotate("", xy=(verdict.collapse_step, 0.35), xytext=(start, 0.35), xycoords=("data", "axes fraction"),
                     arrowprops=dict(arrowstyle="<->", lw=0.7, color="0.2", shrinkA=0, shrinkB=0), zorder=4)
         x0, x1 = ax.get_xlim()

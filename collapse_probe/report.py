@@ -12,7 +12,11 @@ import math
 import os
 from pathlib import Path
 
+from collapse_probe import schema
+from collapse_probe.detect.monitor import replay
 from collapse_probe.errors import UserError
+from collapse_probe.rundir import RunDir
+from collapse_probe.timeline import Timeline
 
 __all__ = ["write_report", "run_name", "default_report_dir", "plot_run"]
 
@@ -21,44 +25,21 @@ _BASELINE_LABELS = {"entropy_drop": "entropy drop", "reward_var_collapse": "in-g
 
 
 def run_name(path: str | os.PathLike) -> str:
-    """The run's name: the run dir's name (the metrics file's dir, or the HF output dir above collapse_probe/)."""
-    from collapse_probe.runlog import resolve_metrics_path
-
-    p = Path(path)
-    try:
-        f = resolve_metrics_path(p).resolve()
-    except UserError:
-        f = p.resolve() / "metrics.jsonl"
-    d = f.parent
-    if d.name == "collapse_probe":
-        d = d.parent
-    return d.name or "run"
+    """The run's name: its run dir's (the HF output dir above collapse_probe/ for a callback's files)."""
+    return RunDir(path).name
 
 
 def default_report_dir(path: str | os.PathLike) -> Path:
     return Path("reports") / run_name(path)
 
 
-def _load(run_dir):
-    from collapse_probe.analyze import _read_run
-
-    tl, f, _ = _read_run(Path(run_dir))
-    return tl, f
-
-
-def _source(tl) -> str:
-    srcs = tl.sources()
-    return "rollout" if "rollout" in srcs or "probe" not in srcs else "probe"
-
-
 def plot_run(run_dir: str | os.PathLike, out_stem: str | os.PathLike | None = None, *, verdict=None,
              title: str | None = None) -> tuple[list[Path], object]:
     """Timeline + verdict + figure; returns (paths of pdf/svg/png, verdict)."""
-    from collapse_probe.detect.verdict import analyse_timeline
     from collapse_probe.plots import plot_timeline
 
-    tl, _ = _load(run_dir)
-    verdict = verdict if verdict is not None else analyse_timeline(tl, source=_source(tl))
+    tl = Timeline.from_run(run_dir)
+    verdict = verdict if verdict is not None else replay(tl.records())
     stem = Path(out_stem) if out_stem is not None else default_report_dir(run_dir) / "timeline"
     if stem.suffix.lower() in (".pdf", ".svg", ".png"):
         stem = stem.with_suffix("")
@@ -87,28 +68,30 @@ def _verdict_section(verdict, tl) -> str:
     if len(succ):
         lines.append(f"- `{succ.name}`: {_fmt(float(succ.iloc[0]))} at step {int(succ.index[0])}, peak "
                      f"{_fmt(float(succ.max()))}, {_fmt(float(succ.iloc[-1]))} at step {int(succ.index[-1])}.")
+    if d.collapsed:
+        lines.append(f"- Collapse confirmed at step {d.confirmed_at}: {d.collapse_reason}.")
     if d.lead_steps is not None:
-        lines.append(f"- First warning {d.lead_steps} steps before the reward drop.")
-    lines += ["", "| signal | onset step | detectable at | lead over reward drop (steps) | detail |",
+        when = "before" if d.lead_steps >= 0 else "after"
+        lines.append(f"- First alert available at step {d.first_alert_step}, {abs(d.lead_steps)} steps {when} the "
+                     f"reward drop (its onset, dated back, {d.onset_lead_steps:+d}).")
+    lines += ["", "| signal | onset step | alert at | lead over reward drop (steps, from the alert) | detail |",
               "|---|---|---|---|---|"]
 
-    def row(label, ev, step, lead, detail=""):
+    def row(label, ev, detail=""):
+        lead = None if ev is None or d.collapse_step is None else d.collapse_step - ev.detected_at
         at = "–" if ev is None else str(ev.detected_at)
-        lines.append(f"| {label} | {_fmt(step)} | {at} | {_fmt(lead)} | {detail} |")
+        lines.append(f"| {label} | {_fmt(None if ev is None else ev.step)} | {at} | {_fmt(lead)} | {detail} |")
 
-    lead = lambda s: None if s is None or d.collapse_step is None else d.collapse_step - s  # noqa: E731
     ev = d.first_event("control_spike")
-    row("control-token spike (ours)", ev, d.spike_step, lead(d.spike_step),
-        "" if ev is None else f"`{ev.key}` {ev.direction}, {ev.magnitude:+.2f} log-odds")
+    row("control-token spike (ours)", ev, "" if ev is None else f"`{ev.key}` {ev.direction}, {ev.magnitude:+.2f} log-odds")
     ev = d.first_event("format_breakage")
-    row("format breakage (ours)", ev, d.breakage_step, lead(d.breakage_step),
-        "" if ev is None else f"`{ev.key}` up, {ev.magnitude:+.2f} log-odds")
+    row("format breakage (ours)", ev, "" if ev is None else f"`{ev.key}` up, {ev.magnitude:+.2f} log-odds")
     ev = d.first_event("reward_drop")
-    row("reward drop", ev, d.collapse_step, None, "" if ev is None else f"`{ev.key}` below half its peak")
+    row("reward drop", ev, "" if ev is None else f"`{ev.key}` below half its peak")
     for name, b in d.baselines.items():
         ev = d.first_event(name)
         detail = "not logged" if b.get("logged") is False else ("no alarm" if ev is None else f"`{ev.key}`")
-        row(f"baseline: {_BASELINE_LABELS.get(name, name)}", ev, b.get("step"), b.get("lead_steps"), detail)
+        row(f"baseline: {_BASELINE_LABELS.get(name, name)}", ev, detail)
     return "\n".join(lines)
 
 
@@ -126,9 +109,8 @@ def _mix_section(tl) -> str:
                 "| state | final | first |", "|---|---|---|"]
         for s, v in mix.iloc[-1].items():
             out.append(f"| {s} | {_fmt(float(v))} | {_fmt(float(first[s]))} |")
-    reasons = [k for k in tl.keys() if k.startswith("fmt/reason/")]
-    if reasons:
-        last = {k[len("fmt/reason/"):]: tl.series(k) for k in reasons}
+    last = {code: tl.series(k) for k in tl.keys() if (code := schema.parse_reason_key(k)) is not None}
+    if last:
         steps = [s for s in tl.steps if any(v.loc[s] == v.loc[s] for v in last.values())]
         if steps:
             s = steps[-1]
@@ -142,23 +124,23 @@ def _mix_section(tl) -> str:
     return "\n".join(out)
 
 
-def _config_section(metrics_file: Path) -> str:
-    for c in (metrics_file.parent / "config.json", metrics_file.parent.parent / "config.json"):
-        if c.is_file():
-            try:
-                cfg = json.loads(c.read_text())
-                body = json.dumps(cfg, indent=2, sort_keys=False)
-            except ValueError:
-                body = c.read_text(errors="replace")
-            return f"From `{c}`:\n\n```json\n{body}\n```"
-    return "No config.json next to the metrics."
+def _config_section(run: RunDir) -> str:
+    c = run.config_path
+    if c is None:
+        return "No config.json next to the metrics."
+    try:
+        body = json.dumps(json.loads(c.read_text()), indent=2, sort_keys=False)
+    except ValueError:
+        body = c.read_text(errors="replace")
+    return f"From `{c}`:\n\n```json\n{body}\n```"
 
 
 def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, verdict=None,
                  extra_sections: list[tuple[str, str]] | tuple = ()) -> Path:
     """Write `out_dir/report.md` (default reports/<run name>/) with the timeline figure next to it; returns
     the report's path. `extra_sections` are (title, markdown body) pairs appended in order."""
-    tl, f = _load(run_dir)
+    tl = Timeline.from_run(run_dir)
+    f = tl.path
     out = Path(out_dir) if out_dir is not None else default_report_dir(run_dir)
     paths, verdict = plot_run(run_dir, out / "timeline", verdict=verdict)
     name = run_name(run_dir)
@@ -171,7 +153,7 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
              "positions, (b) format-state mix, (c) outcome; vertical lines mark the detected onsets.", "",
              "## Verdict", "", _verdict_section(verdict, tl), "",
              "## Format states", "", _mix_section(tl), "",
-             "## Config", "", _config_section(f), ""]
+             "## Config", "", _config_section(RunDir(run_dir)), ""]
     for title, body in extra_sections:
         parts += [f"## {title}", "", body.rstrip(), ""]
     report = out / "report.md"

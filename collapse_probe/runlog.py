@@ -9,6 +9,7 @@ with a warning, and verl file-logger lines {"step": N, "data": {...}} are flatte
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from collapse_probe.errors import UserError
+from collapse_probe.rundir import RunDir
 
 _HINT = "pass a run directory written by collapse-probe or a JSONL metrics file"
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -175,25 +177,67 @@ def _read_lines(f: Path, warn: bool, keep: frozenset = frozenset()) -> list[dict
     return good
 
 
-def resolve_metrics_path(path: str | os.PathLike) -> Path:
-    """The metrics file for a run dir, a metrics file, or an HF output_dir holding collapse_probe/metrics.jsonl."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    if p.is_dir():
-        for c in (p / "metrics.jsonl", p / "collapse_probe" / "metrics.jsonl"):
-            if c.is_file():
-                return c
-        raise UserError(f"no metrics.jsonl under {p}: {_HINT}")
-    raise UserError(f"{p} does not exist: {_HINT}")
+class StepHistory:
+    """One record per step from records in file order, the way a restarted run means them.
+
+    `add(record)` says what a record is and updates `records` accordingly:
+    * "new": a step after the last one;
+    * "duplicate": the same line again, or an older line read again (its `time` is not later than the newest
+      record seen): ignored;
+    * "merged": more keys for the last step (e.g. eval metrics logged after the train metrics);
+    * "restart": an earlier step with new content (resumed from a checkpoint, or a truncated log): the records
+      from that step on are dropped and this one is kept.
+    `read_records` and `watch` both use it, so they agree on what a file holds.
+    """
+
+    def __init__(self) -> None:
+        self.records: dict[int, dict] = {}
+        self._fingerprints: dict[int, str] = {}
+        self.last_step: int | None = None
+        self.max_time: float | None = None
+        self.restarts = 0
+
+    def add(self, rec: dict) -> str:
+        step = rec["step"]
+        fp = _fingerprint(rec)
+        t = rec.get("time")
+        t = float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) else None
+        kind = "new"
+        if self.last_step is not None and step <= self.last_step:
+            if self._fingerprints.get(step) == fp or (t is not None and self.max_time is not None
+                                                       and t <= self.max_time):
+                return "duplicate"
+            if step == self.last_step and step in self.records:
+                rec, kind = {**self.records[step], **rec}, "merged"
+            else:
+                kind = "restart"
+                self.restarts += 1
+                for s in [s for s in self.records if s >= step]:
+                    del self.records[s]
+                    self._fingerprints.pop(s, None)
+        self.records[step] = rec
+        self._fingerprints[step] = fp
+        self.last_step = step
+        if t is not None:
+            self.max_time = t if self.max_time is None else max(self.max_time, t)
+        return kind
+
+    def sorted_records(self) -> list[dict]:
+        return [self.records[s] for s in sorted(self.records)]
+
+
+def _fingerprint(rec: dict) -> str:
+    raw = json.dumps(rec, sort_keys=True, default=str, allow_nan=True)
+    return hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()
 
 
 def read_records(path: str | os.PathLike, *, warn: bool = True) -> list[dict]:
-    """All records sorted by step, one per step (the last one logged for a step wins)."""
-    by_step: dict[int, dict] = {}
-    for rec in _read_lines(resolve_metrics_path(path), warn):
-        by_step[rec["step"]] = rec
-    return [by_step[s] for s in sorted(by_step)]
+    """All records of a run (a run dir, an HF output dir or a metrics file), one per step, sorted by step
+    (see `StepHistory` for restarted runs and repeated steps)."""
+    hist = StepHistory()
+    for rec in _read_lines(RunDir(path).require_metrics(), warn):
+        hist.add(rec)
+    return hist.sorted_records()
 
 
 def _open_new(cands: list[Path], ident: tuple | None) -> tuple[int, tuple, Path, int] | None:
@@ -217,8 +261,7 @@ def tail_records(path: str | os.PathLike, *, poll_s: float = 0.2, from_start: bo
     not de-duplicated). Waits for the file to appear; starts again from the top when it is truncated or replaced.
     Ends when `stop()` is true or no record arrived for `idle_timeout_s` seconds."""
     p = Path(path)
-    cands = [p / "metrics.jsonl", p / "collapse_probe" / "metrics.jsonl"] if p.is_dir() or (
-        not p.exists() and not p.suffix) else [p]
+    cands = RunDir(p).metrics_candidates()
     fd, ident, name, pos, buf, head, first = None, None, p, 0, b"", b"", True
     last = time.monotonic()
     try:
@@ -262,37 +305,6 @@ def tail_records(path: str | os.PathLike, *, poll_s: float = 0.2, from_start: bo
             os.close(fd)
 
 
-def to_dataframe(records: Iterable[dict]):
-    """A pandas DataFrame indexed by step (sorted; the last record of a repeated step wins)."""
-    import pandas as pd
-
-    df = pd.DataFrame.from_records(list(records))
-    if df.empty or "step" not in df:
-        return pd.DataFrame(index=pd.Index([], name="step", dtype="int64"))
-    df = df.set_index("step")
-    return df[~df.index.duplicated(keep="last")].sort_index()
-
-
-def export(path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
-    """Write a run's metrics as Parquet (.parquet) or CSV (.csv), chosen by the output's suffix."""
-    out = Path(out_path)
-    kind = out.suffix.lower()
-    if kind not in (".parquet", ".csv"):
-        raise UserError(f"cannot export to {out}: the output file name must end in .parquet or .csv")
-    df = to_dataframe(read_records(path))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if kind == ".csv":
-        df.to_csv(out)
-        return out
-    try:
-        df.to_parquet(out)
-    except (TypeError, ValueError):  # pyarrow errors for a column mixing strings and numbers subclass these
-        for col in df.columns[df.dtypes == object]:
-            df[col] = df[col].map(lambda v: v if v is None or isinstance(v, str) or v != v else json.dumps(v))
-        df.to_parquet(out)
-    return out
-
-
 class RolloutLog:
     """Append-only sampled rollouts, RUN_DIR/rollouts/step_NNNNNN.jsonl. `write` on a rank other than 0 is a no-op."""
 
@@ -315,24 +327,16 @@ class RolloutLog:
             out.close()
 
 
-def _rollout_dir(run_dir: str | os.PathLike) -> Path:
-    p = Path(run_dir)
-    for d in (p / "rollouts", p / "collapse_probe" / "rollouts", p):
-        if d.is_dir() and any(d.glob("step_*.jsonl")):
-            return d
-    raise UserError(f"no rollouts/step_*.jsonl under {p}: pass a run directory written by collapse-probe")
-
-
 def rollout_steps(run_dir: str | os.PathLike) -> list[int]:
     """Steps that have a rollouts file, sorted."""
-    names = (f.stem[len("step_"):] for f in _rollout_dir(run_dir).glob("step_*.jsonl"))
+    names = (f.stem[len("step_"):] for f in RunDir(run_dir).require_rollouts().glob("step_*.jsonl"))
     return sorted(int(s) for s in names if s.isdigit())
 
 
 def read_rollouts(run_dir: str | os.PathLike, steps: Iterable[int] | None = None, *, warn: bool = True) -> list[dict]:
     """Rollout rows of the given steps (all if None; steps without a file are skipped), ordered by step.
     A row re-written for the same (group, sample) of a step (a restarted run) replaces the earlier one."""
-    d = _rollout_dir(run_dir)
+    d = RunDir(run_dir).require_rollouts()
     rows: list[dict] = []
     for s in rollout_steps(d) if steps is None else sorted({int(s) for s in steps}):
         f = d / f"step_{s:06d}.jsonl"

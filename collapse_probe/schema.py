@@ -71,6 +71,8 @@ LOSS = "loss"
 LR = "lr"
 PHASE = "phase"
 EVAL_SUCCESS = "eval/success"
+STEP_TIME = "time/step_s"
+PROBE_TIME = "time/probe_s"  # seconds the callback spent scoring the probe set at that step
 
 
 def _value(x: str | Enum) -> str:
@@ -93,6 +95,19 @@ def cp_count_key(source: str | Source, position: str | Position) -> str:
 def sequence_entropy_key(source: str | Source) -> str:
     """`cp/{source}/entropy`: mean token entropy over whole sequences."""
     return f"cp/{_value(source)}/entropy"
+
+
+def sequence_tokens_key(source: str | Source) -> str:
+    """`cp/{source}/tokens`: how many positions `cp/{source}/entropy` is the mean over (summed, not averaged)."""
+    return f"cp/{_value(source)}/tokens"
+
+
+def parse_sequence_key(key: str) -> tuple[str, str] | None:
+    """(source, "entropy" | "tokens") of a whole-sequence key `cp/{source}/entropy|tokens`, else None."""
+    parts = key.split("/")
+    if len(parts) != 3 or parts[0] != "cp" or not parts[1] or parts[2] not in ("entropy", "tokens"):
+        return None
+    return parts[1], parts[2]
 
 
 def gp_key(position: str | Position, role: str, part: str | Part) -> str:

@@ -9,24 +9,19 @@ and "logged as NaN" alike.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Mapping
+import json
+import os
+import warnings
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
 
-FORMAT_STATES = ("healthy_tool_call", "healthy_response", "text_pollution", "full_collapse")
-_NON_ROLE_SUFFIXES = ("entropy", "count")
+from collapse_probe import schema
+from collapse_probe.errors import UserError
+from collapse_probe.rundir import RunDir
+from collapse_probe.runlog import read_records
 
-
-def _flatten(record: Mapping) -> dict:
-    """Flat record; verl file-logger lines `{"step": N, "data": {...}}` are merged into the top level."""
-    rec = dict(record)
-    data = rec.get("data")
-    if isinstance(data, Mapping):
-        rec.pop("data")
-        for k, v in data.items():
-            rec.setdefault(k, v)
-    return rec
 
 
 class Timeline:
@@ -40,6 +35,7 @@ class Timeline:
         self._df = frame
         self.path = path
         self._num: dict[str, pd.Series] = {}
+        self.skipped_lines = 0
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -47,7 +43,7 @@ class Timeline:
         """Build from flat records; records without an integer `step` are skipped."""
         rows = []
         for rec in records:
-            rec = _flatten(rec)
+            rec = dict(rec)
             try:
                 step = int(rec["step"])
             except (KeyError, TypeError, ValueError):
@@ -62,10 +58,30 @@ class Timeline:
 
     @classmethod
     def from_run(cls, path: str | Path) -> "Timeline":
-        """Read a run dir / metrics file with `collapse_probe.runlog.read_records`."""
-        from collapse_probe.runlog import read_records  # lazy: runlog is a sibling module
+        """Read a run (run dir, HF output dir or metrics file). Torn or garbled lines are skipped and counted
+        in `skipped_lines`; a file with no record at all is a UserError."""
+        f = RunDir(path).require_metrics()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                records = read_records(f)
+            except UnicodeDecodeError:
+                raise UserError(f"{f} is not JSONL (binary data): pass a metrics file written by collapse-probe, "
+                                "TRL or verl") from None
+        if not records:
+            raise UserError(f"{f} holds no records (an empty run): wait until the run has logged a step, or "
+                            "pass another run")
+        tl = cls.from_records(records, path=f)
+        tl.skipped_lines = sum("skipped line" in str(w.message) for w in caught)
+        return tl
 
-        return cls.from_records(read_records(path), path=Path(path))
+    def records(self) -> Iterator[dict]:
+        """One dict per step, in step order, without the keys a step did not log (for replaying)."""
+        cols = list(self._df.columns)
+        for step, row in zip(self._df.index, self._df.itertuples(index=False, name=None)):
+            rec = {"step": int(step)}
+            rec.update((k, v) for k, v in zip(cols, row) if not (isinstance(v, float) and v != v))
+            yield rec
 
     # ---- basic accessors ----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -100,39 +116,53 @@ class Timeline:
         return key in self._df.columns and bool(np.isfinite(self.series(key).to_numpy()).any())
 
     # ---- control-token captures ---------------------------------------------------------------
-    def _cp_parts(self) -> list[list[str]]:
-        return [c.split("/") for c in self.keys() if c.startswith("cp/") and c.count("/") >= 3]
+    def _captures(self) -> list[schema.CaptureKey]:
+        return [k for k in map(schema.parse_cp_key, self.keys()) if k is not None]
 
     def sources(self) -> list[str]:
         """Capture sources present (e.g. ["probe", "rollout"]), sorted."""
-        return sorted({p[1] for p in self._cp_parts()})
+        return sorted({k.source for k in self._captures()})
 
-    def positions(self, source: str = "rollout") -> list[str]:
+    def positions(self, source: str = schema.Source.ROLLOUT.value) -> list[str]:
         """Decision positions captured for `source`, sorted."""
-        return sorted({p[2] for p in self._cp_parts() if p[1] == source})
+        return sorted({k.position for k in self._captures() if k.source == source})
 
-    def control_series(self, source: str = "rollout", position: str = "after_open") -> dict[str, pd.Series]:
+    def control_series(self, source: str = schema.Source.ROLLOUT.value,
+                       position: str = schema.Position.AFTER_OPEN.value) -> dict[str, pd.Series]:
         """{role: series} of `cp/{source}/{position}/{role}`, without the entropy/count summaries."""
-        prefix = f"cp/{source}/{position}/"
-        out = {}
-        for key in sorted(self.keys()):
-            if key.startswith(prefix):
-                role = key[len(prefix):]
-                if role and "/" not in role and role not in _NON_ROLE_SUFFIXES:
-                    out[role] = self.series(key)
-        return out
+        return {k.stat: self.series(k.key) for k in sorted(self._captures(), key=lambda k: k.stat)
+                if k.source == source and k.position == position and k.is_role}
 
     # ---- format states and outcome ------------------------------------------------------------
     def state_mix(self) -> pd.DataFrame:
-        """Fractions of the format states present (columns in FORMAT_STATES order, no `fmt/` prefix)."""
-        cols = {s: self.series(f"fmt/{s}") for s in FORMAT_STATES if f"fmt/{s}" in self}
+        """Fractions of the format states present (columns in schema.STATES order, no `fmt/` prefix)."""
+        cols = {s: self.series(schema.state_key(s)) for s in schema.STATES if schema.state_key(s) in self}
         return pd.DataFrame(cols, index=self._df.index)
 
     def success(self) -> pd.Series:
         """`success`, or `reward/mean` when success was not logged (the series name says which)."""
-        if self.has("success") or not self.has("reward/mean"):
-            return self.series("success")
-        return self.series("reward/mean")
+        if self.has(schema.SUCCESS) or not self.has(schema.REWARD_MEAN):
+            return self.series(schema.SUCCESS)
+        return self.series(schema.REWARD_MEAN)
+
+    def export(self, out_path: str | os.PathLike) -> Path:
+        """Write the table as Parquet (.parquet) or CSV (.csv), chosen by the output's suffix."""
+        out = Path(out_path)
+        kind = out.suffix.lower()
+        if kind not in (".parquet", ".csv"):
+            raise UserError(f"cannot export to {out}: the output file name must end in .parquet or .csv")
+        df = self.to_frame()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if kind == ".csv":
+            df.to_csv(out)
+            return out
+        try:
+            df.to_parquet(out)
+        except (TypeError, ValueError):  # pyarrow errors for a column mixing strings and numbers subclass these
+            for col in df.columns[df.dtypes == object]:
+                df[col] = df[col].map(lambda v: v if v is None or isinstance(v, str) or v != v else json.dumps(v))
+            df.to_parquet(out)
+        return out
 
     def __repr__(self) -> str:
         span = f"{self.steps[0]}..{self.steps[-1]}" if len(self) else "empty"

@@ -20,7 +20,6 @@ their record being written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -32,28 +31,19 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Iterable, TextIO
 
-from collapse_probe.detect.verdict import OnlineMonitor
+from collapse_probe import schema
+from collapse_probe.detect.monitor import CollapseMonitor, pick_source
 from collapse_probe.errors import UserError
-from collapse_probe.runlog import resolve_metrics_path, tail_records
-from collapse_probe.timeline import FORMAT_STATES
+from collapse_probe.rundir import RunDir
+from collapse_probe.runlog import StepHistory, tail_records
 
 __all__ = ["RunWatcher", "watch", "sparkline", "EXIT_OK", "EXIT_COLLAPSED", "POLL_S"]
 
 POLL_S = 0.2
 EXIT_OK, EXIT_COLLAPSED = 0, 2
 SPARK = "▁▂▃▄▅▆▇█"
-STATE_STYLE = {"healthy_tool_call": "green", "healthy_response": "cyan", "text_pollution": "yellow",
-               "full_collapse": "red"}
-
-
-def _fingerprint(rec: dict) -> str:
-    raw = json.dumps(rec, sort_keys=True, default=str, allow_nan=True)
-    return hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()
-
-
-def _time(rec: dict) -> float | None:
-    t = rec.get("time")
-    return float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) else None
+STATE_STYLE = {schema.FormatState.HEALTHY_TOOL_CALL.value: "green", schema.FormatState.HEALTHY_RESPONSE.value: "cyan",
+               schema.FormatState.TEXT_POLLUTION.value: "yellow", schema.FormatState.FULL_COLLAPSE.value: "red"}
 
 
 def sparkline(values: Iterable[float | None], *, log: bool = True, lo: float | None = None,
@@ -81,31 +71,36 @@ def sparkline(values: Iterable[float | None], *, log: bool = True, lo: float | N
 class RunWatcher:
     """Feed records in file order; returns a status dict for each record processed (None when ignored).
 
-    `source` is "rollout", "probe" or "auto" (rollout captures when the run logs them, else probe captures;
-    decided at the first record carrying `cp/` keys). Keeps the processed records for replay after a restart
-    and the last `spark_len` values of each role for the live view.
+    `source` is "rollout", "probe" or "auto" (rollout captures once the run logs them, else probe captures,
+    exactly as `analyze` picks them). Repeated and restarted steps are sorted out by `runlog.StepHistory`;
+    the monitor is rebuilt from the history whenever a step is merged or the run restarted.
+    Keeps the last `spark_len` values of each role for the live view.
     """
 
-    def __init__(self, *, source: str = "auto", position: str = "after_open", spark_len: int = 40,
-                 **monitor_kwargs):
-        if source not in ("auto", "rollout", "probe"):
-            raise UserError(f"unknown --source {source!r}: use auto, rollout or probe")
-        self.source = None if source == "auto" else source
-        self.position, self.spark_len, self.monitor_kwargs = position, int(spark_len), monitor_kwargs
-        self.history: dict[int, dict] = {}
-        self._fps: dict[int, str] = {}
-        self.max_time: float | None = None
-        self.restarts = 0
+    def __init__(self, *, source: str = "auto", position: str = schema.Position.AFTER_OPEN.value,
+                 spark_len: int = 40):
+        sources = [s.value for s in schema.Source]
+        if source != "auto" and source not in sources:
+            raise UserError(f"unknown --source {source!r}: use auto, {' or '.join(sources)}")
+        if position not in schema.POSITIONS:
+            raise UserError(f"unknown --position {position!r}: use one of {', '.join(schema.POSITIONS)}")
+        self.auto = source == "auto"
+        self.source = None if self.auto else source
+        self.position, self.spark_len = position, int(spark_len)
+        self.history = StepHistory()
         self.last_status: dict | None = None
         self._reset()
 
     # ---- state -------------------------------------------------------------------------------
     def _reset(self) -> None:
-        self.monitor = OnlineMonitor(source=self.source or "rollout", position=self.position,
-                                     **self.monitor_kwargs)
+        self.monitor = CollapseMonitor(source=self.source or schema.Source.ROLLOUT.value, position=self.position)
         self.sparks: dict[str, deque] = {}
         self.success_spark: deque = deque(maxlen=self.spark_len)
         self.probs: dict[str, float | None] = {}   # last known value per role (captures may be sparse)
+
+    @property
+    def restarts(self) -> int:
+        return self.history.restarts
 
     @property
     def last_step(self) -> int | None:
@@ -127,50 +122,34 @@ class RunWatcher:
         self.success_spark.append(status["success"])
 
     def _process(self, rec: dict) -> dict:
-        self.monitor.update(rec)
         status = self.monitor.status(rec)
         status["source"] = self.monitor.source
         self._track(status)
         return status
 
-    def _rewind(self, before: int) -> None:
-        """Rebuild the monitor from the processed records with step < `before`."""
-        kept = {s: r for s, r in self.history.items() if s < before}
-        self.history = kept
-        self._fps = {s: f for s, f in self._fps.items() if s < before}
+    def _rebuild(self) -> dict | None:
+        """A fresh monitor fed the whole history; the status of its last record."""
         self._reset()
-        for s in sorted(kept):
-            self._process(kept[s])
+        status = None
+        for rec in self.history.sorted_records():
+            status = self._process(rec)
+        return status
 
     # ---- the entry point ---------------------------------------------------------------------
     def feed(self, rec: dict) -> dict | None:
         try:
-            step = int(rec["step"])
-        except (KeyError, TypeError, ValueError):
+            int(rec["step"])
+        except (KeyError, TypeError, ValueError, OverflowError):
             return None
-        fp, t = _fingerprint(rec), _time(rec)
-        restarted = False
-        if self.last_step is not None and step <= self.last_step:
-            if self._fps.get(step) == fp:
-                return None  # the same line again (a re-read file or a duplicated write)
-            if t is not None and self.max_time is not None and t <= self.max_time:
-                return None  # an older line read again (e.g. pre-restart history in a replaced file)
-            if step == self.last_step and step in self.history:
-                rec = {**self.history[step], **rec}  # more keys logged for the same step (e.g. eval after train)
-            else:
-                self.restarts += 1
-                restarted = True
-            self._rewind(step)
-        if self.source is None and any(k.startswith("cp/") for k in rec):
-            self.source = "rollout" if any(k.startswith("cp/rollout/") for k in rec) else "probe"
-            if self.history and self.source != self.monitor.source:
-                self._rewind(step)
-        status = self._process(rec)
-        self.history[step] = rec
-        self._fps[step] = fp
-        if t is not None:
-            self.max_time = t if self.max_time is None else max(self.max_time, t)
-        status["restarted"] = restarted
+        kind = self.history.add(rec)
+        if kind == "duplicate":
+            return None
+        if self.auto and self.source != schema.Source.ROLLOUT.value and any(k.startswith("cp/") for k in rec):
+            picked = pick_source(rec)  # rollout captures win as soon as they appear, as in `analyze`
+            self.source, rebuild = picked, picked != self.monitor.source
+            kind = "rebuild" if rebuild else kind
+        status = self._process(self.history.records[rec["step"]]) if kind == "new" else self._rebuild()
+        status["restarted"] = kind == "restart"
         status["restarts"] = self.restarts
         self.last_status = status
         return status
@@ -216,7 +195,7 @@ def render_view(w: RunWatcher, path: Path | str, max_roles: int = 8):
         style = "bold red" if role == "end_of_turn" and (w.probs[role] or 0) > 0.3 else None
         tab.add_row(role, _fmt_p(w.probs[role]), sparkline(w.sparks.get(role, [])), style=style)
     mix = Text()
-    for s in FORMAT_STATES:
+    for s in schema.STATES:
         v = (st.get("state_mix") or {}).get(s)
         if v is not None:
             mix.append(f"{s} {100 * v:4.0f}%  ", style=STATE_STYLE[s])
@@ -282,8 +261,8 @@ class _Hooks:
 
 def watch(path: str | os.PathLike, *, once: bool = False, as_json: bool = False,
           idle_timeout: float | None = None, on_alert: str | None = None, poll_s: float = POLL_S,
-          source: str = "auto", position: str = "after_open", out: TextIO | None = None, console=None,
-          stop: Callable[[], bool] | None = None, **monitor_kwargs) -> int:
+          source: str = "auto", position: str = schema.Position.AFTER_OPEN.value, out: TextIO | None = None,
+          console=None, stop: Callable[[], bool] | None = None) -> int:
     """Watch a run; returns the exit code (2 once a collapse is confirmed, else 0).
 
     `as_json` writes one status object per processed record to `out` (default stdout), flushed at once;
@@ -295,12 +274,12 @@ def watch(path: str | os.PathLike, *, once: bool = False, as_json: bool = False,
     console = console or Console(stderr=True)  # messages and warnings
     view_console = Console(file=out) if not as_json else None
     if once:
-        resolve_metrics_path(p)  # UserError for a missing path or a dir without metrics
+        RunDir(p).require_metrics()  # UserError for a missing path or a dir without metrics
     elif not p.exists():
         if p.suffix:
             raise UserError(f"{p} does not exist: pass a run directory or a metrics JSONL file")
         console.print(f"[dim]waiting for {p}/metrics.jsonl to appear[/dim]", highlight=False)
-    w = RunWatcher(source=source, position=position, **monitor_kwargs)
+    w = RunWatcher(source=source, position=position)
     hooks = _Hooks(on_alert, p, as_json, console)
     skipped = [0]
 
@@ -362,14 +341,14 @@ def watch(path: str | os.PathLike, *, once: bool = False, as_json: bool = False,
             note_warnings(caught)
             if once:
                 if w.last_status is None:
-                    f = resolve_metrics_path(p)
+                    f = RunDir(p).require_metrics()
                     if skipped[0]:
                         raise UserError(f"{f} is not JSONL: no line holds a record with an integer \"step\"; "
                                         "pass a metrics file written by collapse-probe, TRL or verl")
                     raise UserError(f"{f} holds no records yet: run it again once the run has logged a step")
                 if skipped[0]:
                     console.print(f"[yellow]warning:[/yellow] skipped {skipped[0]} torn or garbled line(s) of "
-                                  f"{resolve_metrics_path(p)}", highlight=False, soft_wrap=True)
+                                  f"{RunDir(p).require_metrics()}", highlight=False, soft_wrap=True)
                 if as_json:
                     emit(w.last_status)
                 else:

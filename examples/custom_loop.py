@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from collapse_probe.capture.hooks import ControlTokenCapture
 from collapse_probe.capture.probe_set import ProbeSet
 from collapse_probe.runlog import RunLog
+from collapse_probe.schema import LOSS, REWARD_MEAN, REWARD_STD, STEP
 from collapse_probe.train import tiny
 from collapse_probe import world
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> Path:
     group = 4
 
     with RunLog(run_dir) as log, capture.attach(model):
-        log.append({"step": 0, **probe.score(model)})
+        log.append({STEP: 0, **probe.score(model)})
         for step in range(1, opts.steps + 1):
             # --- sample: 4 prompts x 4 completions (the hook ignores these forwards: no batch is set)
             prompts = [world.prompt_text(t) for t in tasks[4 * (step - 1): 4 * step] for _ in range(group)]
@@ -101,8 +102,8 @@ def main(argv: list[str] | None = None) -> Path:
             optimizer.step()
             optimizer.zero_grad()
 
-            rec = {"step": step, "loss": total, "reward/mean": rewards.mean().item(),
-                   "reward/std": rewards.std().item(), **capture.pop()}  # count-weighted over micro-batches
+            rec = {STEP: step, LOSS: total, REWARD_MEAN: rewards.mean().item(),
+                   REWARD_STD: rewards.std().item(), **capture.pop()}  # count-weighted over micro-batches
             if step % opts.every == 0 or step == opts.steps:
                 rec.update(probe.score(model))
             log.append(rec)

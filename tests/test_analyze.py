@@ -46,7 +46,10 @@ def test_analyze_run_dir_json(tmp_path):
     col = _json([write_run(tmp_path / "col", True)])
     assert KEYS <= set(col)
     assert col["collapsed"] is True and col["kind"] == "run" and col["source"] == "rollout"
-    assert col["spike_step"] < col["collapse_step"] and col["lead_steps"] == col["collapse_step"] - col["spike_step"]
+    assert col["spike_step"] < col["collapse_step"]
+    # the lead counts from the step at which the alert was available, the onset lead from its back-dated start
+    assert col["lead_steps"] == col["collapse_step"] - col["first_alert_step"] > 0
+    assert col["onset_lead_steps"] == col["collapse_step"] - col["first_alert_onset"] >= col["lead_steps"]
     assert any(e["kind"] == "control_spike" and e["role"] == "end_of_turn" for e in col["events"])
     assert col["final_state_mix"]["full_collapse"] > 0.5
     stable = _json([write_run(tmp_path / "stable", False, seed=1) / "metrics.jsonl"])
@@ -64,7 +67,7 @@ def test_analyze_checkpoints_cached(ckpt_dir, tmp_path, monkeypatch):
     assert [c["step"] for c in first["checkpoints"]] == [0, 5, 10]
     p = [c["p_end_of_turn"] for c in first["checkpoints"]]
     assert all(0 < v < 1 for v in p) and len(set(p)) == 3  # the nudged weights give different probe values
-    assert "success_collapse_step" in first and first["collapsed"] is False
+    assert first["collapsed"] is False and first["collapse_step"] is None
     second = _json([ckpt_dir, "--eval-tasks", "0", "--cache", cache])
     assert (second["scored"], second["cached"]) == (0, 3)
     assert second["checkpoints"] == first["checkpoints"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -15,7 +16,8 @@ CLI = [sys.executable, "-c", "from collapse_probe.cli import main; main()"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "COLUMNS": "160"}  # a wide terminal, as a user reading the table would have
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=120, env=env)
 
 
 def test_formats_classifies_every_hand_made_sample_as_documented():
@@ -56,7 +58,7 @@ def test_formats_bad_input_is_one_line_exit_1(tmp_path, make_bad, needle):
 
 def test_unknown_format_name_is_one_line(tmp_path):
     proc = run("formats", FIXTURES / "samples.jsonl", "--format", "yaml")
-    assert proc.returncode == 1 and "unknown --format" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "unknown format 'yaml'" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_tokens_reports_roles_for_a_saved_tokenizer(tmp_path):

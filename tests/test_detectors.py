@@ -7,17 +7,17 @@ fire any detector.
 """
 
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
 
-from collapse_probe.detect.detectors import (
-    EntropyDropDetector, Event, GradNormSpikeDetector, OfflineChangeDetector, OnlineSpikeDetector,
-    PeakFractionDetector, RewardVarianceCollapseDetector, ValidityDropDetector, detect_reward_drop,
-)
-from collapse_probe.detect.verdict import OnlineMonitor, Verdict, analyse_timeline
+from collapse_probe.detect.event import Event
+from collapse_probe.detect.grad_norm import GradNormSpikeDetector
+from collapse_probe.detect.monitor import CollapseMonitor, replay
+from collapse_probe.detect.peak import PeakFractionDetector, RewardVarianceCollapseDetector, ValidityDropDetector
+from collapse_probe.detect.rule import DEFAULT_RULE, CollapseRule
+from collapse_probe.detect.shift import FirstValueShiftDetector
+from collapse_probe.detect.spike import EntropyDropDetector, OnlineSpikeDetector
 from collapse_probe.timeline import Timeline
 
 
@@ -100,7 +100,7 @@ def stable():
 # ---------------------------------------------------------------------------------------------- Timeline
 def test_timeline_sorts_dedups_and_coerces():
     recs = [{"step": 3, "a": 1.0}, {"step": 1, "a": "NaN", "phase": "rl"}, {"step": 3, "a": 2.0},
-            {"a": 5.0}, {"step": 2, "data": {"a": "Infinity"}}]
+            {"a": 5.0}, {"step": 2, "a": "Infinity"}]
     tl = Timeline.from_records(recs)
     assert list(tl.steps) == [1, 2, 3]
     a = tl.series("a")
@@ -127,18 +127,9 @@ def test_timeline_control_series_and_states(collapsing):
     assert tl.to_frame().shape[0] == 100
 
 
-def test_timeline_from_run_uses_runlog(monkeypatch, collapsing):
-    fake = types.ModuleType("collapse_probe.runlog")
-    fake.read_records = lambda path: list(reversed(collapsing[0][0]))
-    monkeypatch.setitem(sys.modules, "collapse_probe.runlog", fake)
-    tl = Timeline.from_run("/some/run")
-    assert list(tl.steps) == list(range(100)) and str(tl.path) == "/some/run"
-
-
 def test_timeline_from_run_with_real_runlog(tmp_path, collapsing):
-    runlog = pytest.importorskip("collapse_probe.runlog")
-    if not hasattr(runlog, "RunLog"):
-        pytest.skip("runlog has no RunLog writer yet")
+    from collapse_probe import runlog
+
     recs = [dict(r) for r in collapsing[0][0]]
     recs[5]["cp/rollout/after_open/end_of_turn"] = float("nan")
     with runlog.RunLog(tmp_path) as log:
@@ -146,7 +137,7 @@ def test_timeline_from_run_with_real_runlog(tmp_path, collapsing):
             log.append(r)
     tl = Timeline.from_run(tmp_path)
     assert len(tl) == 100 and np.isnan(tl.series("cp/rollout/after_open/end_of_turn")[5])
-    assert analyse_timeline(tl).collapsed
+    assert replay(tl.records()).collapsed
 
 
 # ---------------------------------------------------------------------------------------------- detectors
@@ -197,28 +188,34 @@ def test_online_spike_detector_down_and_abs_guard():
         OnlineSpikeDetector(direction="sideways")
 
 
-def test_offline_change_detector():
-    rng = np.random.default_rng(3)
-    det = OfflineChangeDetector(key="k").fit(range(80), _flat_then_step(rng))
+def test_first_value_shift_detector():
+    det = FirstValueShiftDetector(key="k", role="end_of_turn").fit([0, 5, 10, 15], [0.02, 0.03, 0.09, 0.5])
     (ev,) = det.predict()
-    assert ev.step == 50 and ev.detected_at >= ev.step and ev.magnitude > 2.5
-    assert det.segments()[0][0] == 0
-    p = _sig(_logit(0.02) + rng.normal(0, 0.3, 80))
-    p[[20, 60]] = 0.5
-    assert OfflineChangeDetector().fit(range(80), p).predict() == []
-    assert OfflineChangeDetector().fit([], []).predict() == []
+    assert (ev.step, ev.detected_at) == (10, 10) and ev.magnitude > 1.0
+    down = FirstValueShiftDetector(direction="down").fit([0, 5, 10], [0.95, 0.9, 0.5]).predict()
+    assert [e.step for e in down] == [10]
+    assert FirstValueShiftDetector().fit([0, 5], [1e-6, 1e-4]).predict() == []  # below min_value: no mass
+
+
+def _reward_drop(steps, values):
+    rule = DEFAULT_RULE
+    det = PeakFractionDetector(kind="reward_drop", frac=rule.drop_frac, persistence=rule.drop_persistence,
+                               smooth=rule.drop_smooth, min_history=1, min_peak=rule.min_peak,
+                               min_drop=rule.min_drop)
+    events = det.fit(steps, values).predict()
+    return events[0].step if events else None
 
 
 def test_peak_fraction_and_reward_drop():
     steps = np.arange(60)
     s = np.full(60, 0.9)
     s[20] = 0.2  # one bad batch
-    assert detect_reward_drop(steps, s) is None
+    assert _reward_drop(steps, s) is None
     s[40:] = 0.3
-    assert detect_reward_drop(steps, s) == 40
+    assert _reward_drop(steps, s) == 40
     low = np.full(60, 0.05)
     low[40:] = 0.0
-    assert detect_reward_drop(steps, low) is None  # peak below min_peak: nothing to lose
+    assert _reward_drop(steps, low) is None  # peak below min_peak: nothing to lose
     v = np.r_[np.full(30, 0.3), np.full(30, 0.05)]
     (ev,) = RewardVarianceCollapseDetector().fit(steps, v).predict()
     assert (ev.kind, ev.step, ev.detected_at, ev.direction) == ("reward_var_collapse", 30, 32, "down")
@@ -254,90 +251,86 @@ def test_event_to_dict_is_json():
 
 
 # ---------------------------------------------------------------------------------------------- verdicts
-@pytest.mark.parametrize("online", [True, False])
-def test_collapsing_runs_warn_before_reward_drop(collapsing, online):
+def test_collapsing_runs_warn_before_reward_drop(collapsing):
     for recs, info in collapsing:
-        v = analyse_timeline(Timeline.from_records(recs), online=online)
-        assert v.collapsed
+        v = replay(Timeline.from_records(recs).records())
+        assert v.collapsed and v.confirmed_at is not None
         assert info["onset"] - 2 <= v.spike_step <= info["onset"] + 8, (v.spike_step, info)
         assert v.collapse_step >= info["s_on"]
         assert v.breakage_step is not None and v.breakage_step > v.spike_step
-        assert v.lead_steps == v.collapse_step - min(v.spike_step, v.breakage_step) and v.lead_steps >= 10
+        # the lead counts from the step at which the first alert was available
+        assert v.lead_steps == v.collapse_step - v.first_alert_step and v.lead_steps >= 8
+        assert v.onset_lead_steps >= v.lead_steps
         spike = v.first_event("control_spike")
-        assert spike.detected_at < v.collapse_step  # the alarm itself, not only the onset, comes first
+        assert spike.detected_at < v.collapse_step
         assert spike.role in ("end_of_turn", "json_open", "tool_open")
 
 
 def test_stable_runs_raise_no_alarm(stable):
     for recs, info in stable:
-        tl = Timeline.from_records(recs)
-        for online in (True, False):
-            v = analyse_timeline(tl, online=online)
-            assert v.events == [], (info, [e.to_dict() for e in v.events])
-            assert not v.collapsed and v.lead_steps is None
-        mon = OnlineMonitor()
+        v = replay(Timeline.from_records(recs).records())
+        assert v.events == [], (info, [e.to_dict() for e in v.events])
+        assert not v.collapsed and v.lead_steps is None
+        mon = CollapseMonitor()
         assert all(mon.update(r) == [] for r in recs) and not mon.collapsed
 
 
 def test_verdict_to_dict_shape(collapsing):
-    v = analyse_timeline(Timeline.from_records(collapsing[0][0]))
+    v = replay(collapsing[0][0])
     d = json.loads(json.dumps(v.to_dict()))
-    assert list(d) == ["collapsed", "spike_step", "breakage_step", "collapse_step", "lead_steps", "events",
-                       "baselines"]
+    head = ["collapsed", "collapse_reason", "confirmed_at", "collapse_step", "drop_detected_at", "spike_step",
+            "breakage_step", "first_alert_step", "first_alert_onset", "lead_steps", "onset_lead_steps"]
+    assert list(d)[:len(head)] == head and {"events", "baselines", "source", "position"} <= set(d)
     assert d["collapsed"] is True
-    assert all(isinstance(d[k], int) for k in ("spike_step", "breakage_step", "collapse_step", "lead_steps"))
+    assert all(isinstance(d[k], int) for k in head if k not in ("collapsed", "collapse_reason"))
     assert {"reward_drop", "control_spike", "format_breakage"} <= {e["kind"] for e in d["events"]}
     assert set(d["baselines"]) == {"entropy_drop", "reward_var_collapse", "grad_norm_spike", "validity_drop"}
     for b in d["baselines"].values():
-        assert set(b) == {"step", "lead_steps"}
+        assert set(b) == {"step", "detected_at", "lead_steps", "logged"}
     # the peers' signals arrive later than ours on this kind of collapse
-    assert d["baselines"]["entropy_drop"]["lead_steps"] < d["lead_steps"]
-    assert d["baselines"]["grad_norm_spike"]["step"] is not None
+    assert d["baselines"]["entropy_drop"]["lead_steps"] is None or \
+        d["baselines"]["entropy_drop"]["lead_steps"] < d["lead_steps"]
+    assert d["baselines"]["grad_norm_spike"]["detected_at"] is not None
     text = v.summary()
-    assert "collapsed: YES" in text and f"step {v.spike_step}" in text and "lead" in text
-    empty = Verdict(False, None, None, None, None).to_dict()
-    assert empty == {"collapsed": False, "spike_step": None, "breakage_step": None, "collapse_step": None,
-                     "lead_steps": None, "events": [], "baselines": {}}
+    assert "collapsed: YES" in text and f"onset {v.spike_step}" in text and "lead" in text
 
 
 def test_breakage_from_format_valid_only(collapsing):
     recs = [{k: v for k, v in r.items() if not k.startswith("fmt/")} for r in collapsing[1][0]]
-    v = analyse_timeline(Timeline.from_records(recs))
+    v = replay(recs)
     ev = v.first_event("format_breakage")
-    assert ev.key == "1-format_valid" and ev.step < v.collapse_step
+    assert ev.key == "fmt/full_collapse+fmt/text_pollution" and ev.step < v.collapse_step
 
 
-def test_detector_kwargs_reach_the_spike_detector(collapsing):
-    tl = Timeline.from_records(collapsing[0][0])
-    assert analyse_timeline(tl, z_threshold=1e6, abs_threshold=None).spike_step is None
-    assert analyse_timeline(tl, online=False, min_rise=50.0, z_threshold=1e6).spike_step is None
+def test_spike_settings_reach_the_spike_detector(collapsing):
+    recs = collapsing[0][0]
+    assert replay(recs, spike_settings={"z_threshold": 1e6, "abs_threshold": None}).spike_step is None
     with pytest.raises(TypeError):
-        analyse_timeline(tl, no_such_setting=1)
+        replay(recs, spike_settings={"no_such_setting": 1})
 
 
-def test_online_monitor_matches_offline(collapsing):
+def test_live_monitor_equals_replay(collapsing):
     for recs, info in collapsing:
-        mon = OnlineMonitor()
+        mon = CollapseMonitor()
         first_collapsed, n_alerts = None, 0
         for r in recs:
             n_alerts += len(mon.update(r))
             if mon.collapsed and first_collapsed is None:
                 first_collapsed = r["step"]
-        offline = analyse_timeline(Timeline.from_records(recs), online=False)
-        assert abs(mon.spike_step - offline.spike_step) <= 4, (mon.spike_step, offline.spike_step)
-        assert mon.collapse_step == offline.collapse_step
-        assert mon.collapsed and first_collapsed <= offline.collapse_step + 3
+        live, offline = mon.verdict(), replay(Timeline.from_records(recs).records())
+        assert live.to_dict() == offline.to_dict()
+        assert first_collapsed == live.confirmed_at
         assert n_alerts == len(mon.events) >= 3
         assert len(mon.spikes) <= 6  # one detector per key, not per step
 
 
-def test_online_monitor_status(collapsing):
+def test_monitor_status(collapsing):
     recs = collapsing[2][0]
-    mon = OnlineMonitor()
+    mon = CollapseMonitor()
     statuses = [mon.status(r) for r in recs]
     for st in statuses:
         json.dumps(st)
-        assert {"step", "probs", "state_mix", "alerts", "collapsed"} <= set(st)
+        assert {"step", "probs", "state_mix", "alerts", "collapsed", "first_alert_step"} <= set(st)
     first = statuses[0]
     assert first["alerts"] == [] and first["collapsed"] is False
     assert set(first["probs"]) == {"end_of_turn", "tool_open", "json_open", "tool_close", "eos"}
@@ -345,8 +338,7 @@ def test_online_monitor_status(collapsing):
     alerted = [st for st in statuses if st["alerts"]]
     assert alerted and alerted[0]["alerts"][0]["kind"] == "control_spike"
     assert statuses[-1]["collapsed"] is True
-    # status after update on the same record does not feed it twice
-    mon2 = OnlineMonitor()
+    mon2 = CollapseMonitor()
     for r in recs[:60]:
         new = mon2.update(r)
         st = mon2.status(r)
@@ -354,14 +346,43 @@ def test_online_monitor_status(collapsing):
     assert mon2.update(recs[10]) == []  # old step: ignored
 
 
-def test_online_monitor_breakage_alone_confirms():
+def test_breakage_alone_confirms():
     rng = np.random.default_rng(5)
+    recs = [{"step": i, "fmt/full_collapse": float((0.02 if i < 30 else 0.6) + rng.normal(0, 0.003)),
+             "fmt/text_pollution": 0.01, "success": 0.9} for i in range(60)]
+    v = replay(recs, rule=CollapseRule(breakage_persist=10))
+    assert v.breakage_step == 30 and v.collapsed and v.collapse_reason == "format breakage persists"
+
+
+def _early_collapse(drop_at: int = 1, n: int = 50, first: float = 0.72) -> list[dict]:
+    """Success falls from `first` to 0 within 3 steps from `drop_at` and stays there; turns break with it."""
     recs = []
-    for i in range(60):
-        broken = 0.02 if i < 30 else 0.6
-        recs.append({"step": i, "fmt/full_collapse": float(broken + rng.normal(0, 0.003)),
-                     "fmt/text_pollution": 0.01, "success": 0.9})
-    mon = OnlineMonitor(breakage_persist=10)
-    for r in recs:
-        mon.update(r)
-    assert mon.breakage_step == 30 and mon.collapsed and mon.collapse_reason == "format breakage persists"
+    for t in range(n):
+        k = min(max(t - drop_at + 1, 0), 3) / 3
+        succ = first * (1 - k)
+        recs.append({"step": t, "success": succ, "fmt/full_collapse": 0.9 * k, "fmt/text_pollution": 0.02,
+                     "fmt/healthy_tool_call": 0.98 - 0.9 * k, "cp/rollout/after_open/end_of_turn": 0.03 + 0.9 * k})
+    return recs
+
+
+@pytest.mark.parametrize("drop_at", [1, 2, 3])
+def test_a_drop_in_the_first_steps_is_a_collapse(drop_at):
+    v = replay(_early_collapse(drop_at))
+    assert v.collapsed and v.collapse_step is not None and v.collapse_step <= 4, v.summary()
+    assert v.confirmed_at <= 5
+
+
+def test_a_reward_drop_with_healthy_turns_is_not_a_collapse():
+    recs = [{"step": t, "success": 0.8 if t < 20 else 0.1, "fmt/full_collapse": 0.01, "fmt/text_pollution": 0.01,
+             "fmt/healthy_tool_call": 0.98} for t in range(40)]
+    v = replay(recs)
+    assert v.collapse_step == 20 and not v.collapsed
+    assert "reward dropped, but no control-token or format warning" in v.summary()
+
+
+def test_checkpoint_mode_uses_the_first_value_shift():
+    recs = [{"step": s, "cp/probe/after_open/end_of_turn": p, "success": q}
+            for s, p, q in [(0, 0.02, 0.9), (5, 0.04, 0.9), (10, 0.14, 0.85), (15, 0.5, 0.2), (20, 0.9, 0.0)]]
+    v = replay(recs, source="probe", checkpoints=True)
+    assert v.spike_step == 10 and v.first_alert_step == 10 and v.collapse_step == 15 and v.collapsed
+    assert v.lead_steps == 5

@@ -1,4 +1,4 @@
-"""Format states of assistant turns (detect/formats.py) and the rollout-file loaders (detect/rollout_files.py)."""
+"""Format states of assistant turns (formats/classify.py) and the rollout-file loaders (detect/rollout_files.py)."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from collapse_probe.formats import classify as formats
-from collapse_probe.formats.classify import (REASONS, STATES, FormatSpec, FormatState, StateMix, TurnVerdict,
-                                           classify_turn, state_mix)
+import collapse_probe.formats.reasons as reasons_doc
+from collapse_probe.formats.classify import FormatSpec, StateMix, TurnVerdict, classify_turn, state_mix
+from collapse_probe.formats.reasons import EMPTY_AT, REASONS
+from collapse_probe.schema import STATES, FormatState, Position
 from collapse_probe.detect.rollout_files import load_turns, render_summary, split_trajectory, summarise_turns
 from collapse_probe.errors import UserError
 
@@ -24,6 +25,8 @@ def _rows(name: str) -> list[dict]:
 
 
 HERMES = _rows("samples.jsonl")
+NEW = _rows("new_failures.jsonl")  # degenerate output, another role's voice, an echoed user message, empties
+SYNTAX_ROWS = _rows("samples_syntaxes.jsonl")  # rows name their format (registry names and aliases)
 
 
 def _id(r: dict) -> str:
@@ -37,9 +40,32 @@ def test_hermes_samples(row):
     assert REASONS[v.reason][0] is v.state
 
 
+@pytest.mark.parametrize("row", NEW + SYNTAX_ROWS, ids=lambda r: f"{r.get('format', 'hermes')}:{r['note']}")
+def test_new_failure_and_syntax_samples(row):
+    v = classify_turn(row["text"], FormatSpec.preset(row.get("format", "hermes")), user_message=row.get("prompt"))
+    assert (v.state.value, v.reason) == (row["expected_state"], row["expected_reason"]), v.detail
+    assert classify_turn(row["text"]).reason != "echoed_user_message"  # only with the user's message at hand
+
+
 def test_samples_cover_every_reason_and_state():
-    assert {r["expected_reason"] for r in HERMES} == set(REASONS)
+    rows = HERMES + NEW + SYNTAX_ROWS
+    assert {r["expected_reason"] for r in rows} == set(REASONS)
     assert {r["expected_state"] for r in HERMES} == set(STATES)
+
+
+def test_new_failure_classes():
+    col, pol, msg = FormatState.FULL_COLLAPSE, FormatState.TEXT_POLLUTION, "What is the weather where alice lives?"
+    cases = {"!" * 40: (col, "degenerate_output"), "ha" * 20: (col, "degenerate_output"),
+             "Paris\n" * 12: (col, "degenerate_output"), "Users of the city say hi.": (FormatState.HEALTHY_RESPONSE,
+             "ok_text"), **{t: (pol, "speaks_as_role") for t in ("user\nhi", "USER: hi", "User: hi", "assistant: sure",
+                                                                 "assistant\nsure", "user what now")}}
+    for text, want in cases.items():
+        v = classify_turn(text)
+        assert (v.state, v.reason) == want, text
+    assert classify_turn("Paris is nice. Paris is big.").reason == "ok_text"  # repetition alone is not enough
+    assert [classify_turn(t, user_message=u).reason for t, u in ((msg, msg), ("Sunny.", msg), ("ok", "ok"))] == [
+        "echoed_user_message", "ok_text", "ok_text"]  # "ok" is too short to call a copy
+    assert EMPTY_AT == {"empty_turn": Position.TURN_START, "bare_open_tag": Position.AFTER_OPEN}
 
 
 def test_without_known_tools_only_unknown_tool_changes():
@@ -72,13 +98,15 @@ def test_custom_tags_and_preset_by_name():
     assert classify_turn("<call>", spec).reason == "bare_open_tag"
     assert classify_turn('<tool_call>{"name": "f", "arguments": {}}</tool_call>', spec).reason == "other_syntax_call"
     assert FormatSpec.preset("qwen").tool_open == "<tool_call>"
+    assert FormatSpec.preset("canonical").name == "hermes"
     assert FormatSpec.preset("mistral", ["f"]).known_tools == frozenset({"f"})
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError) as exc:
         FormatSpec.preset("nope")
+    assert "nope" in str(exc.value) and "python_list" in str(exc.value) and "llama3" in str(exc.value)
 
 
 def test_rules_are_documented():
-    doc = formats.__doc__
+    doc = reasons_doc.__doc__
     for code, (state, rule) in REASONS.items():
         assert isinstance(state, FormatState) and rule
         assert code in doc, code
@@ -216,7 +244,8 @@ def test_load_trl_parquet(tmp_path):
     # plain-string completions (non-conversational datasets)
     p = tmp_path / "completions_00007.parquet"
     pd.DataFrame({"step": [7], "prompt": ["q"], "completion": [CALL], "advantage": [0.0]}).to_parquet(p)
-    assert load_turns(p) == [{"text": CALL, "group": "all", "step": 7}]
+    assert load_turns(p) == [{"text": CALL, "group": "all", "step": 7, "user": "q"}]
+    assert {t["user"] for t in turns} == {"Where does u1 live?"}  # the last user message of the prompt
 
 
 def test_split_trajectory_hermes():
@@ -250,10 +279,10 @@ def test_load_verl_dump(tmp_path):
         {"input": "x", "output": "<tool_call>\n", "gts": "Paris", "score": 0.0, "step": 12, "acc": 0.0}])
     _jsonl(d / "3.jsonl", [{"input": "x", "output": "", "score": 0.0}])  # no step field: from the name
     turns = load_turns(d)
-    assert turns == [{"text": "", "group": "all", "step": 3},
-                     {"text": CALL, "group": "all", "step": 12},
-                     {"text": "u1 lives in Paris.", "group": "all", "step": 12},
-                     {"text": "<tool_call>\n", "group": "all", "step": 12}]
+    assert turns == [{"text": "", "group": "all", "step": 3, "user": "x"},
+                     {"text": CALL, "group": "all", "step": 12, "user": "Where?"},
+                     {"text": "u1 lives in Paris.", "group": "all", "step": 12, "user": "Where?"},
+                     {"text": "<tool_call>\n", "group": "all", "step": 12, "user": "x"}]
     assert [classify_turn(t["text"]).reason for t in turns] == ["empty_turn", "ok_call", "ok_text", "bare_open_tag"]
 
 
@@ -298,20 +327,26 @@ def _mkdir(p: Path) -> Path:
 
 # ---- summary ------------------------------------------------------------------------------------------------
 
+def _states(*counts: int) -> dict:
+    return dict(zip(STATES, counts))
+
+
+def _empty(at_start: int, after_open: int) -> dict:  # empty turns by where they are empty
+    return {Position.TURN_START.value: at_start, Position.AFTER_OPEN.value: after_open}
+
+
 def test_summary_shape():
     turns = [{"text": "<tool_call>", "group": "a", "step": 1}, {"text": CALL, "group": "a", "step": 2},
              {"text": "hi", "group": "b", "step": 9}, {"text": "", "group": "b", "step": None}]
     s = summarise_turns(turns)
     assert s == {"groups": {
-        "a": {"turns": 2, "healthy_tool_call": 1, "healthy_response": 0, "text_pollution": 0, "full_collapse": 1,
-              "reasons": {"bare_open_tag": 1, "ok_call": 1}},
-        "b": {"turns": 2, "healthy_tool_call": 0, "healthy_response": 1, "text_pollution": 0, "full_collapse": 1,
-              "reasons": {"empty_turn": 1, "ok_text": 1}}}}
+        "a": {"turns": 2, **_states(1, 0, 0, 1), "reasons": {"bare_open_tag": 1, "ok_call": 1}, "empty": _empty(0, 1)},
+        "b": {"turns": 2, **_states(0, 1, 0, 1), "reasons": {"empty_turn": 1, "ok_text": 1}, "empty": _empty(1, 0)}}}
     s = summarise_turns(turns, step_bins=3)
     assert [(r["first_step"], r["last_step"]) for r in s["step_ranges"]] == [(1, 3), (4, 6), (7, 9)]
     assert s["step_ranges"][0]["groups"]["a"]["turns"] == 2
     assert s["step_ranges"][1]["groups"] == {}
-    assert s["step_ranges"][2]["groups"]["b"]["healthy_response"] == 1
+    assert s["step_ranges"][2]["groups"]["b"][FormatState.HEALTHY_RESPONSE.value] == 1
     assert summarise_turns(turns, step_bins=50)["step_ranges"][-1] == {
         "first_step": 9, "last_step": 9, "groups": {"b": s["step_ranges"][2]["groups"]["b"]}}
     assert "step_ranges" not in summarise_turns([{"text": "x", "group": "all", "step": None}], step_bins=4)
@@ -330,8 +365,34 @@ def test_render_summary():
 
     s = summarise_turns(load_turns(FIX / "samples.jsonl"), step_bins=2)
     table = render_summary(s)
-    console = Console(record=True, width=160)
+    console = Console(record=True, width=240)
     console.print(table)
     out = console.export_text()
-    assert "full_collapse" in out and "bare_open_tag" in out and "collapse" in out
+    assert FormatState.FULL_COLLAPSE.value in out and "bare_open_tag" in out and "collapse" in out
+    assert "at turn start" in out and "right after the call tag" in out
     console.print(render_summary({"groups": {}}))
+
+
+def test_cli_formats_shows_the_new_codes():
+    """`collapse-probe formats` on the fixture: the new codes, the user's message read from the prompt, the empty
+    turns by where they are empty, and one list of format names for an unknown --format."""
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", "from collapse_probe.cli import main; main()", "formats", *args],
+                              capture_output=True, text=True, env={"COLUMNS": "220", "PATH": "/usr/bin:/bin"},
+                              timeout=120)
+
+    run = cli(str(FIX / "new_failures.jsonl"), "--json")
+    assert run.returncode == 0, run.stderr
+    groups = json.loads(run.stdout)["groups"]
+    for row in NEW:
+        assert groups[row["group"]]["reasons"].get(row["expected_reason"]), row["note"]
+    assert groups["empty_turn"]["empty"] == _empty(1, 0) and groups["bare_open_tag"]["empty"] == _empty(0, 1)
+    table = cli(str(FIX / "new_failures.jsonl")).stdout
+    assert "degenerate_output" in table and "at turn start" in table
+    bad = cli(str(FIX / "new_failures.jsonl"), "--format", "yaml")
+    assert bad.returncode == 1 and "yaml" in bad.stderr and "python_list" in bad.stderr
+    syn = cli(str(FIX / "samples_syntaxes.jsonl"), "--format", "python_list", "--json")
+    assert syn.returncode == 0 and json.loads(syn.stdout)["groups"]["all"]["reasons"]["ok_call"] >= 1

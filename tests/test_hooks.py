@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from collapse_probe.capture.hooks import ControlTokenCapture
-from collapse_probe.capture.stats import POSITION_KINDS
+from collapse_probe.schema import POSITIONS, Position, cp_count_key, cp_entropy_key, cp_key, gp_key
 from collapse_probe.errors import UserError
 from collapse_probe.tokens import ControlTokens
 from collapse_probe.train import sft, tiny
@@ -63,7 +63,7 @@ def _naive(logits, ids, gen, role_ids, adv, source):
     logp = torch.log_softmax(logits.double(), -1)
     opn, nl, close, jo = (role_ids.get(r, -2) for r in ("tool_open", "newline", "tool_close", "json_open"))
     n, t_len = ids.shape
-    pos = {k: [] for k in POSITION_KINDS}
+    pos = {k: [] for k in POSITIONS}
     for r in range(n):
         x, g = ids[r].tolist(), gen[r].tolist()
         for t in range(t_len - 1):
@@ -72,28 +72,28 @@ def _naive(logits, ids, gen, role_ids, adv, source):
             prev = x[t - 1] if t > 0 else -1
             prev2 = x[t - 2] if t > 1 else -1
             if (x[t] == opn and x[t + 1] != nl) or (x[t] == nl and prev == opn):
-                pos["after_open"].append((r, t))
+                pos[Position.AFTER_OPEN.value].append((r, t))
             if t > 0 and not g[t]:
-                pos["turn_start"].append((r, t))
+                pos[Position.TURN_START.value].append((r, t))
             if x[t] == close and g[t]:
-                pos["after_close"].append((r, t))
+                pos[Position.AFTER_CLOSE.value].append((r, t))
             if x[t] == jo and g[t] and ((prev == nl and prev2 == opn) or prev == opn):
-                pos["json_body"].append((r, t))
+                pos[Position.JSON_BODY.value].append((r, t))
     rec = {}
     for kind, ps in pos.items():
-        rec[f"cp/{source}/{kind}/count"] = float(len(ps))
+        rec[cp_count_key(source, kind)] = float(len(ps))
         if not ps:
             continue
         ent = [-(logp[r, t].exp() * logp[r, t]).sum().item() for r, t in ps]
-        rec[f"cp/{source}/{kind}/entropy"] = sum(ent) / len(ps)
+        rec[cp_entropy_key(source, kind)] = sum(ent) / len(ps)
         for role, k in role_ids.items():
             p = [logp[r, t, k].exp().item() for r, t in ps]
-            rec[f"cp/{source}/{kind}/{role}"] = sum(p) / len(ps)
+            rec[cp_key(source, kind, role)] = sum(p) / len(ps)
             if adv is not None:
                 chosen = [adv[r].item() * (1 - pk) for (r, t), pk in zip(ps, p) if ids[r, t + 1] == k]
                 other = [adv[r].item() * -pk for (r, t), pk in zip(ps, p) if ids[r, t + 1] != k]
-                rec[f"gp/{kind}/{role}/chosen"] = sum(chosen) / len(ps)
-                rec[f"gp/{kind}/{role}/other"] = sum(other) / len(ps)
+                rec[gp_key(kind, role, "chosen")] = sum(chosen) / len(ps)
+                rec[gp_key(kind, role, "other")] = sum(other) / len(ps)
     return rec
 
 
@@ -114,8 +114,8 @@ def test_stats_from_logits_matches_naive_reference(tok, model, batch):
     got = cap.stats_from_logits(logits, batch["input_ids"], batch["loss_mask"], advantages=batch["advantages"])
     want = _naive(logits, batch["input_ids"], batch["loss_mask"], cap.role_ids, batch["advantages"], "rollout")
     _assert_close(got, want)
-    for kind in POSITION_KINDS:  # the batch exercises every position kind
-        assert got[f"cp/rollout/{kind}/count"] > 0, kind
+    for kind in POSITIONS:  # the batch exercises every position kind
+        assert got[cp_count_key("rollout", kind)] > 0, kind
     assert 0 <= got["cp/rollout/after_open/end_of_turn"] <= 1
 
 
@@ -280,3 +280,41 @@ def test_deferred_stats_match_the_synchronous_ones():
     assert set(got) == set(want)
     for k in want:
         assert abs(got[k] - want[k]) < 1e-5, k
+
+
+def test_prefix_decisions_follow_decision_masks():
+    """Token lists (a LogitsProcessor's view) get the decision positions of decision_masks, the one definition."""
+    from collapse_probe.capture.stats import decision_masks, prefix_decisions
+
+    torch.manual_seed(1)
+    role_ids = {"tool_open": 5, "newline": 6, "json_open": 7, "end_of_turn": 8, "tool_close": 9}
+    ids = torch.randint(5, 12, (4, 40))  # dense in control tokens: every rule fires somewhere
+    masks = decision_masks(ids, torch.ones_like(ids), role_ids)
+    for r in range(ids.shape[0]):
+        x = ids[r].tolist()
+        for t in range(1, ids.shape[1] - 1):
+            got = prefix_decisions([x[:t + 1]], role_ids, next_id=x[t + 1])
+            for kind in (Position.AFTER_OPEN.value, Position.AFTER_CLOSE.value, Position.JSON_BODY.value):
+                assert got[kind] == [bool(masks[kind][r, t])], (kind, r, t)
+    # the next token unknown: a bare tag is after_open (it is, unless a newline follows); an empty list starts a turn
+    got = prefix_decisions([[5], [5, 6], [5, 6, 7], []], role_ids)
+    assert got[Position.AFTER_OPEN.value] == [True, True, False, False]
+    assert got[Position.TURN_START.value] == [False, False, False, True]
+    assert prefix_decisions([[5]], role_ids, next_id=6)[Position.AFTER_OPEN.value] == [False]
+    assert prefix_decisions([[5]], {"tool_open": 5}, next_id=6)[Position.AFTER_OPEN.value] == [True]  # no newline
+
+
+def test_synchronous_stats_read_every_row():
+    """position_stats reads all decision rows (more than the deferred path's cap) and matches the reference."""
+    from collapse_probe.capture.stats import decision_positions, position_stats
+
+    torch.manual_seed(2)
+    role_ids = {"tool_open": 5, "newline": 6, "json_open": 7, "end_of_turn": 8}
+    ids = torch.randint(10, 30, (2, 400))
+    ids[:, 10:390:5] = 5  # 76 bare tags per row
+    gen = torch.ones_like(ids)
+    logits, adv = torch.randn(2, 400, 30), torch.tensor([0.5, -1.0])
+    got = position_stats(logits, ids, decision_positions(ids, gen, role_ids), role_ids, is_logp=False,
+                         source="rollout", advantages=adv)
+    assert got[cp_count_key("rollout", Position.AFTER_OPEN)] == 152
+    _assert_close(got, _naive(logits, ids, gen, role_ids, adv, "rollout"))

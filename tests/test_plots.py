@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from collapse_probe.detect.verdict import analyse_timeline
+from collapse_probe.detect.monitor import replay
 from collapse_probe.errors import UserError
 from collapse_probe.plots import plot_timeline
 from collapse_probe.timeline import Timeline
@@ -43,7 +43,7 @@ def _check(paths, stem):
 
 def test_plot_collapsing_run_with_verdict(tmp_path):
     tl = Timeline.from_records(_run(True))
-    verdict = analyse_timeline(tl)
+    verdict = replay(tl.records())
     assert verdict.collapsed and verdict.lead_steps > 0
     stem = tmp_path / "figs" / "run.timeline"  # a dot in the stem must not be taken for a suffix
     paths = plot_timeline(tl, verdict, stem, title="synthetic collapse")
@@ -61,7 +61,7 @@ def test_plot_sparse_run(tmp_path):
     recs = [{"step": r["step"], "cp/rollout/after_open/end_of_turn": r["cp/rollout/after_open/end_of_turn"],
              "reward/mean": r["reward/mean"]} for r in _run(True, seed=2)]
     tl = Timeline.from_records(recs)
-    _check(plot_timeline(tl, analyse_timeline(tl), tmp_path / "sparse"), tmp_path / "sparse")
+    _check(plot_timeline(tl, replay(tl.records()), tmp_path / "sparse"), tmp_path / "sparse")
 
 
 def test_plot_empty_run_is_a_user_error(tmp_path):

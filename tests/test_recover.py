@@ -16,16 +16,17 @@ from collapse_probe.errors import UserError
 from collapse_probe.recover import (FORMAT_NAMES, ForbidTokens, ObserveAfterOpen, evaluate_format,
                                     findings, format_spread, get_format, masked_eval, parse_format_list,
                                     recovery_markdown, render_recovery_table, run_recovery, score_episode,
-                                    spiking_roles)
+                                    spiking_roles, checkpoint_collapsed)
 from collapse_probe.recover import repair as repair_mod
-from collapse_probe.formats.syntaxes import PARAPHRASES, RenamedTask, parse_python_calls
+from collapse_probe.formats.calls import parse_python_calls
+from collapse_probe.recover.grid import PARAPHRASES, RenamedTask
 from collapse_probe.tokens import ControlTokens
 from collapse_probe import world
 
 torch.set_num_threads(1)
 
-ALL = ("canonical", "renamed_tags", "untagged_json", "python_list", "xml", "markdown_fence", "reworded",
-       "renamed_tools")
+ALL = ("hermes", "renamed_tags", "json", "python_list", "xml", "markdown", "reworded", "renamed_tools")
+OPT_IN = ("llama3", "mistral")  # registered syntaxes the default grid leaves out
 
 
 # ------------------------------------------------------------------------------------------------ formats
@@ -33,14 +34,15 @@ def test_grid_names_and_unknown_format():
     assert FORMAT_NAMES == ALL
     with pytest.raises(UserError) as exc:
         get_format("yaml")
-    assert "yaml" in str(exc.value) and all(n in str(exc.value) for n in ALL)
-    assert [f.name for f in parse_format_list("xml, canonical,xml")] == ["xml", "canonical"]
+    assert "yaml" in str(exc.value) and all(n in str(exc.value) for n in ALL + OPT_IN)
+    assert [f.name for f in parse_format_list("xml, canonical,xml,hermes")] == ["xml", "hermes"]  # alias
+    assert [f.name for f in parse_format_list("untagged_json,markdown_fence,llama3")] == ["json", "markdown", "llama3"]
     assert len(parse_format_list(None)) == len(ALL) and len(parse_format_list("")) == len(ALL)
     with pytest.raises(UserError):
         parse_format_list("canonical,nope")
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", ALL + OPT_IN)
 def test_render_parse_round_trip_on_oracle_calls(name):
     fmt = get_format(name)
     prompt = fmt.system_prompt()
@@ -94,13 +96,15 @@ def test_python_list_parser_never_runs_model_output(tmp_path):
 
 
 @pytest.mark.parametrize("name,text", [
-    ("canonical", "<tool_call>"), ("canonical", "<tool_call>\n"), ("canonical", "<tool_call>\n{\"name\": 1}"),
+    ("hermes", "<tool_call>"), ("hermes", "<tool_call>\n"), ("hermes", "<tool_call>\n{\"name\": 1}"),
     ("renamed_tags", "<function_call>\n{oops}\n</function_call>"), ("renamed_tags", "<function_call>\n"),
-    ("untagged_json", '{"name": "find_user"'), ("untagged_json", '{"name": "find_user", "arguments": 3}'),
+    ("json", '{"name": "find_user"'), ("json", '{"name": "find_user", "arguments": 3}'),
     ("xml", '<invoke name="find_user"><parameter name="name">a</parameter>'),
     ("xml", '<invoke name="find_user">junk<parameter name="name">a</parameter></invoke>'),
-    ("markdown_fence", "```json\n{\"name\": \"find_user\", \"arguments\": {}}"),
-    ("markdown_fence", "```json\nnot json\n```"),
+    ("markdown", "```json\n{\"name\": \"find_user\", \"arguments\": {}}"),
+    ("markdown", "```json\nnot json\n```"),
+    ("llama3", "<|python_tag|>"), ("llama3", '<|python_tag|>{"name": "f", "arguments": 1}'),
+    ("mistral", "[TOOL_CALLS][oops]"),
 ])
 def test_malformed_calls_are_errors(name, text):
     fmt = get_format(name)
@@ -112,11 +116,11 @@ def test_malformed_calls_are_errors(name, text):
 def test_validity_is_syntax_specific():
     canonical_call = world.render_call("find_user", {"name": "alice"})
     # a canonical call is content in other syntaxes' eyes, never well-formed there
-    for name in ("renamed_tags", "python_list", "xml", "markdown_fence", "untagged_json"):
+    for name in ("renamed_tags", "python_list", "xml", "markdown", "json", "llama3", "mistral"):
         assert not get_format(name).validity(canonical_call), name
-    assert get_format("untagged_json").parse(canonical_call)[0]  # lenient: the JSON line is still read
-    assert not get_format("canonical").validity("")  # an empty turn is not a clean answer
-    assert not get_format("canonical").validity("chatter " + canonical_call)
+    assert get_format("json").parse(canonical_call)[0]  # lenient: the JSON line is still read
+    assert not get_format("hermes").validity("")  # an empty turn is not a clean answer
+    assert not get_format("hermes").validity("chatter " + canonical_call)
 
 
 def test_content_is_scored_per_call_against_the_oracle():
@@ -173,17 +177,15 @@ def test_forbid_tokens_masks_only_right_after_the_open_tag():
     inside = ForbidTokens([4], open_id=1, newline_id=2, close_id=3, position="in_call")
     out = inside([[1, 2, 5, 7], [1, 2, 5, 3], [5], [1, 2, 5, 3, 1]], torch.zeros(4, 10))
     assert [bool(out[i, 4] == float("-inf")) for i in range(4)] == [True, False, False, True]
-    with pytest.raises(UserError):
-        ForbidTokens([4], open_id=1, position="everywhere")
+    pytest.raises(UserError, ForbidTokens, [4], open_id=1, position="everywhere")  # an unknown position
 
 
 def test_observer_and_spiking_roles():
     roles = _roles()
     obs = ObserveAfterOpen(roles)
     logits = torch.full((3, 10), -20.0)
-    logits[0, 4] = 0.0  # after the tag: all mass on end_of_turn
-    logits[1, 5] = 0.0  # after the newline: json_open (healthy)
-    logits[2, 6] = 0.0  # elsewhere: not recorded
+    # after the tag: all mass on end_of_turn; after the newline: json_open (healthy); elsewhere: not recorded
+    logits[0, 4] = logits[1, 5] = logits[2, 6] = 0.0
     assert obs([[1], [1, 2], [7]], logits) is logits
     probs = obs.probs()
     assert probs["after_tag"]["count"] == 1 and probs["after_tag"]["end_of_turn"] > 0.99
@@ -264,7 +266,7 @@ def test_run_recovery_result_shape(tiny_ckpt):
                        fresh_max_steps=1)
     assert set(res) == {"canonical", "formats", "spread", "masked", "repair", "collapsed", "findings"}
     assert set(res["canonical"]) == {"validity", "success"}
-    assert list(res["formats"]) == ["canonical", "python_list", "renamed_tools"]
+    assert list(res["formats"]) == ["hermes", "python_list", "renamed_tools"]  # keyed by registry name
     for r in res["formats"].values():
         assert set(r) == {"validity", "content_accuracy", "success"} and all(isinstance(v, float) for v in r.values())
     assert isinstance(res["spread"], float) and res["collapsed"] is True  # a random model
@@ -304,12 +306,14 @@ def test_findings_name_the_probe_that_found_the_skill():
     assert "not in a control-token spike" not in text
     res["canonical"] = {"validity": 1.0, "success": 0.0}
     assert "not in a control-token spike" in "\n".join(findings(res))
+    cases = ((0.1, 0.05), (None, 0.3), (1.0, 0.0), (0.0, 0.9))  # detect.rule: success dropped and turns broken
+    assert [checkpoint_collapsed({"validity": v, "success": s}) for v, s in cases] == [True, True, False, False]
     healthy = {**res, "collapsed": False, "canonical": {"validity": 1.0, "success": 0.9},
                "formats": {"canonical": {"validity": 1.0, "content_accuracy": 0.92, "success": 0.9},
                            "xml": {"validity": 0.0, "content_accuracy": 0.0, "success": 0.0}}}
     healthy["masked"] = {**res["masked"], "mask_changed": 3}
     text = "\n".join(findings(healthy, details={"xml": {"canonical_turn_frac": 0.97}}))
-    assert "not collapsed" in text and "restored" not in text and "damage spread" not in text
+    assert text.startswith("not collapsed (detect.rule:") and "restored" not in text and "damage spread" not in text
     assert "kept writing canonical <tool_call> calls (xml 97% of turns)" in text and "OOD brittleness" in text
 
 
@@ -392,4 +396,4 @@ def test_cli_recover_bad_inputs_one_line_exit_1(tiny_ckpt, tmp_path):
     assert "run directory" in errs["run dir"] and "checkpoint-5" in errs["run dir"]
     assert ok.returncode == 0, ok.stderr
     res = json.loads(ok.stdout)
-    assert list(res["formats"]) == ["canonical", "xml"] and res["repair"] is None and res["collapsed"] is True
+    assert list(res["formats"]) == ["hermes", "xml"] and res["repair"] is None and res["collapsed"] is True

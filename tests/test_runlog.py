@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from collapse_probe.errors import UserError
-from collapse_probe.runlog import (RolloutLog, RunLog, export, read_records, read_rollouts, resolve_metrics_path,
-                                   rollout_steps, tail_records, to_dataframe)
+from collapse_probe.rundir import RunDir
+from collapse_probe.runlog import RolloutLog, RunLog, StepHistory, read_records, read_rollouts, rollout_steps, tail_records
+from collapse_probe.timeline import Timeline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,16 +32,16 @@ def test_round_trip_nan_inf_numpy_tensor(tmp_path):
         log.append({"step": np.int64(3), "a": math.nan, "b": math.inf, "c": -math.inf, "d": np.float32(0.5),
                     "e": np.int32(7), "f": torch.tensor(2.25), "g": np.bool_(True), "phase": "rl",
                     "h": [1.0, math.nan], "time": 123.0})
-        log.append({"step": 1, "loss": 0.125})
+        log.append({"step": 4, "loss": 0.125})
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2
     raw = json.loads(lines[0], parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     assert raw["a"] == "NaN" and raw["b"] == "Infinity" and raw["c"] == "-Infinity"
     assert list(raw)[:2] == ["step", "time"]
     recs = read_records(tmp_path)
-    assert [r["step"] for r in recs] == [1, 3]
-    assert isinstance(recs[0]["time"], float) and abs(recs[0]["time"] - time.time()) < 60
-    r = recs[1]
+    assert [r["step"] for r in recs] == [3, 4]
+    assert isinstance(recs[1]["time"], float) and abs(recs[1]["time"] - time.time()) < 60
+    r = recs[0]
     assert math.isnan(r["a"]) and r["b"] == math.inf and r["c"] == -math.inf
     assert r["d"] == 0.5 and r["e"] == 7 and type(r["e"]) is int and r["f"] == 2.25 and r["g"] is True
     assert r["phase"] == "rl" and r["h"][0] == 1.0 and math.isnan(r["h"][1]) and r["time"] == 123.0
@@ -133,7 +134,7 @@ def test_read_paths_and_errors(tmp_path):
     hf = tmp_path / "out"
     with RunLog(hf / "collapse_probe") as log:
         log.append({"step": 5, "x": 1})
-    assert resolve_metrics_path(hf) == hf / "collapse_probe" / "metrics.jsonl"
+    assert RunDir(hf).require_metrics() == hf / "collapse_probe" / "metrics.jsonl"
     assert read_records(hf)[0]["x"] == 1 and read_records(hf / "collapse_probe")[0]["x"] == 1
     with pytest.raises(UserError, match=r"no metrics.jsonl under .*empty: pass a run directory"):
         (tmp_path / "empty").mkdir()
@@ -153,9 +154,9 @@ def test_read_paths_and_errors(tmp_path):
 
 def test_verl_lines_and_non_dict_lines(tmp_path):
     f = tmp_path / "verl.jsonl"
-    f.write_text('{"step": 2, "data": {"actor/entropy": 0.5, "actor/grad_norm": NaN}}\n'
+    f.write_text('{"step": 1, "data": {"actor/entropy": 0.75, "critic/score": Infinity}}\n'
                  '[1, 2, 3]\n'
-                 '{"step": 1, "data": {"actor/entropy": 0.75, "critic/score": Infinity}}\n')
+                 '{"step": 2, "data": {"actor/entropy": 0.5, "actor/grad_norm": NaN}}\n')
     with pytest.warns(UserWarning, match="line 2 .*not a JSON object"):
         recs = read_records(f)
     assert recs[0] == {"step": 1, "actor/entropy": 0.75, "critic/score": math.inf}
@@ -251,11 +252,15 @@ def test_tail_restarts_when_rewritten_in_place_and_longer(tmp_path):
     assert got == [(0, 1.0), (0, 10.0), (1, 11.0), (2, 12.0)]
 
 
-def test_to_dataframe_and_export(tmp_path):
+def export(run, out):
+    return Timeline.from_run(run).export(out)
+
+
+def test_timeline_frame_and_export(tmp_path):
     with RunLog(tmp_path) as log:
-        log.append({"step": 2, "reward/mean": 0.5, "phase": "rl", "time": 10.0})
         log.append({"step": 1, "reward/mean": math.nan, "kl": math.inf, "phase": "sft", "time": 9.0})
-    df = to_dataframe(read_records(tmp_path))
+        log.append({"step": 2, "reward/mean": 0.5, "phase": "rl", "time": 10.0})
+    df = Timeline.from_run(tmp_path).to_frame()
     assert df.index.name == "step" and list(df.index) == [1, 2]
     assert math.isnan(df.loc[1, "reward/mean"]) and df.loc[2, "reward/mean"] == 0.5 and df.loc[1, "kl"] == math.inf
     pq = export(tmp_path, tmp_path / "out" / "m.parquet")
@@ -267,7 +272,7 @@ def test_to_dataframe_and_export(tmp_path):
     assert back.loc[2, "reward/mean"] == 0.5 and math.isnan(back.loc[1, "reward/mean"])
     with pytest.raises(UserError, match=r"m.xlsx: the output file name must end in .parquet or .csv"):
         export(tmp_path, tmp_path / "m.xlsx")
-    assert to_dataframe([]).empty
+    assert Timeline.from_records([]).to_frame().empty
     mixed = tmp_path / "mixed"
     with RunLog(mixed) as log:
         log.append({"step": 0, "note": "a"})
@@ -292,3 +297,23 @@ def test_rollout_log_round_trip(tmp_path):
     assert [r["step"] for r in read_rollouts(tmp_path, steps=[10, 99])] == [10] * 4
     with pytest.raises(UserError, match="no rollouts"):
         read_rollouts(tmp_path / "nothing")
+
+
+def test_step_history_restart_drops_later_steps_and_merges_repeats():
+    h = StepHistory()
+    for s in range(6):
+        assert h.add({"step": s, "success": 0.9, "time": 100.0 + s}) == "new"
+    assert h.add({"step": 5, "eval/success": 0.7, "time": 106.0}) == "merged"
+    assert h.add({"step": 2, "success": 0.9, "time": 100.0 + 2}) == "duplicate"  # the same line again
+    assert h.add({"step": 3, "success": 0.1, "time": 200.0}) == "restart"        # resumed from step 2
+    assert sorted(h.records) == [0, 1, 2, 3] and h.records[3]["success"] == 0.1 and h.restarts == 1
+
+
+def test_read_records_of_a_restarted_run_keeps_only_the_new_tail(tmp_path):
+    with RunLog(tmp_path) as log:
+        for s in range(10):
+            log.append({"step": s, "success": 0.9, "time": 100.0 + s})
+        for s in range(5, 7):  # restarted from step 5, killed at step 6
+            log.append({"step": s, "success": 0.2, "time": 200.0 + s})
+    recs = read_records(tmp_path)
+    assert [r["step"] for r in recs] == list(range(7)) and recs[-1]["success"] == 0.2

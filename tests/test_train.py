@@ -12,7 +12,8 @@ import torch
 from collapse_probe.runlog import read_records, read_rollouts
 from collapse_probe.train import rollout, sft, tiny
 from collapse_probe import world
-from collapse_probe.train.trainer import TrainConfig, train
+from collapse_probe.train.config import TrainConfig
+from collapse_probe.train.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +145,7 @@ def test_sft_then_grpo_then_interleaved_write_run_dirs(tmp_path):
         train(TrainConfig(mode=mode, init=str(ckpt), steps=2, prompts_per_step=2, group_size=3, max_turns=3,
                           max_new_tokens=16, eval_tasks=2, probe_every=1, save_every=1, sft_every=1, sft_batch=4,
                           kl_coef=0.05 if mode == "grpo" else 0.0,
-                          reward={"correct": 1.0, "tag_bonus": 0.1}), run)
+                          reward=world.RewardSpec(correct=1.0, tag_bonus=0.1)), run)
         recs = read_records(run)
         assert [r["step"] for r in recs] == [0, 1, 2]
         for key in ("reward/mean", "success", "format_valid", "entropy", "grad_norm", "len/response_mean",

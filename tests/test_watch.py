@@ -162,11 +162,11 @@ def test_restart_and_duplicates():
     assert w.last_step == 29
     st = w.feed({**recs[20], "time": 2000.0, "success": 0.5})  # resumed from step 19: newer time
     assert st["restarted"] and st["restarts"] == 1 and st["step"] == 20 and w.last_step == 20
-    assert sorted(w.history) == list(range(21)) and w.history[20]["success"] == 0.5
+    assert sorted(w.history.records) == list(range(21)) and w.history.records[20]["success"] == 0.5
     assert w.feed({**recs[21], "time": 2001.0})["step"] == 21
     st = w.feed({"step": 21, "time": 2002.0, "eval/success": 0.7})  # more keys for the same step: merged
-    assert not st["restarted"] and st["restarts"] == 1 and w.history[21]["eval/success"] == 0.7
-    assert w.history[21]["success"] == recs[21]["success"]
+    assert not st["restarted"] and st["restarts"] == 1 and w.history.records[21]["eval/success"] == 0.7
+    assert w.history.records[21]["success"] == recs[21]["success"]
     # verl file-logger lines have no time: a step going back with new content is a restart
     v = RunWatcher()
     for s in range(10):

@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 from collapse_probe.capture.probe_set import ProbeSet
 from collapse_probe.errors import UserError
 from collapse_probe.runlog import RunLog
+from collapse_probe.schema import LR, PROBE_TIME, REWARD_MEAN, REWARD_STD, STATES, STEP, TIME, state_key
 from collapse_probe.tokens import ControlTokens, resolve_control_tokens
 
 logger = logging.getLogger(__name__)
@@ -79,22 +80,22 @@ class CollapseProbeCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ Trainer events
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         self._guard("setup", self._setup, args, state, model, kwargs)
         if state.global_step == 0:  # a resumed run already has a record for its first step
             self._guard("probe", self._probe, state.global_step, model)
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if state.global_step % self.every == 0:
             self._guard("probe", self._probe, state.global_step, model)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if logs and self._is_main:
             self._guard("log", self._merge, state.global_step, _trainer_metrics(logs))
             if not self._running:  # e.g. trainer.evaluate() after train(): the step's record is rewritten whole
                 self._guard("write", self._flush)
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
+    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if self._probed != state.global_step:
             self._guard("probe", self._probe, state.global_step, model)
         self._guard("write", self._flush)
@@ -148,15 +149,15 @@ class CollapseProbeCallback(TrainerCallback):
         finally:
             net.train(was_training)
         if self._is_main:
-            self._merge(step, {**stats, "time/probe_s": time.perf_counter() - t0})
+            self._merge(step, {**stats, PROBE_TIME: time.perf_counter() - t0})
 
     def _merge(self, step: int, rec: dict) -> None:
         if not self._is_main:
             return
-        if self._pending is not None and self._pending["step"] != step:
+        if self._pending is not None and self._pending[STEP] != step:
             self._flush()
         if self._pending is None:  # re-open the step just written: its record is replaced, not split
-            self._pending = dict(self._last) if self._last and self._last["step"] == step else {"step": step}
+            self._pending = dict(self._last) if self._last and self._last[STEP] == step else {STEP: step}
         self._pending.update(rec)
 
     def _flush(self) -> None:
@@ -164,15 +165,15 @@ class CollapseProbeCallback(TrainerCallback):
         if rec is None or self._log is None:
             return
         self._guard("completions", self._add_formats, rec)
-        rec["time"] = time.time()
+        rec[TIME] = time.time()
         self._last = rec
         self._log.append(rec)
 
     def _add_formats(self, rec: dict) -> None:
         """fmt/* of the completions TRL logged for this step (GRPOTrainer with log_completions=True)."""
-        if self._output_dir is None or any(k.startswith("fmt/") for k in rec):
+        if self._output_dir is None or any(state_key(s) in rec for s in STATES):
             return
-        f = self._output_dir / "completions" / f"completions_{rec['step']:05d}.parquet"
+        f = self._output_dir / "completions" / f"completions_{rec[STEP]:05d}.parquet"
         if not f.is_file():
             return
         from collapse_probe.formats.classify import FormatSpec, StateMix, classify_turn
@@ -263,22 +264,22 @@ def _trainer_metrics(logs: dict) -> dict:
     """The Trainer's numeric logs under their own names, plus DESIGN.md aliases where the meaning is plain."""
     out = {}
     for k, v in logs.items():
-        if k in ("step", "time"):
+        if k in (STEP, TIME):
             continue
         x = _number(v)
         if x is not None:
             out[str(k)] = x
     if "reward" in out:
-        out["reward/mean"] = out["reward"]
+        out[REWARD_MEAN] = out["reward"]
     else:
         means = [k for k in out if k.startswith("rewards/") and k.endswith("/mean")]
         if len(means) == 1:
-            out["reward/mean"] = out[means[0]]
+            out[REWARD_MEAN] = out[means[0]]
             std = means[0][: -len("/mean")] + "/std"
             if std in out:
-                out["reward/std"] = out[std]
+                out[REWARD_STD] = out[std]
     if "reward_std" in out:
-        out["reward/std"] = out["reward_std"]
-    if "learning_rate" in out and "lr" not in out:
-        out["lr"] = out["learning_rate"]
+        out[REWARD_STD] = out["reward_std"]
+    if "learning_rate" in out and LR not in out:
+        out[LR] = out["learning_rate"]
     return out

@@ -36,8 +36,9 @@ from typing import Any
 
 import torch
 
-from collapse_probe.capture.stats import decision_positions, position_stats, position_stats_deferred
+from collapse_probe.capture.stats import RecordMeans, decision_positions, position_stats, position_stats_deferred
 from collapse_probe.errors import UserError
+from collapse_probe.schema import Source, sequence_entropy_key, sequence_tokens_key
 from collapse_probe.tokens import ControlTokens, resolve_control_tokens
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class ControlTokenCapture:
     """
 
     def __init__(self, tokenizer_or_roles: Any, *, overrides: dict[str, str] | None = None,
-                 source: str = "rollout", entropy: bool = False):
+                 source: str = Source.ROLLOUT.value, entropy: bool = False):
         if isinstance(tokenizer_or_roles, ControlTokens):
             if overrides:
                 raise UserError("token overrides need a tokenizer to resolve them; pass the tokenizer, "
@@ -80,8 +81,7 @@ class ControlTokenCapture:
         self.entropy = entropy
         self._batch: _Batch | None = None
         self._handle: Any = None
-        self._sums: dict[str, float] = {}
-        self._weights: dict[str, float] = {}
+        self._means = RecordMeans()  # count-weighted over the micro-batches since the last pop()
         self._pending: list = []  # (DeferredStats, source) still on the accelerator
         self._warned: set[str] = set()
         self.skipped = 0  # forwards that did not match the batch set with set_batch
@@ -137,14 +137,7 @@ class ControlTokenCapture:
 
     def add(self, stats: dict[str, float], source: str | None = None) -> None:
         """Accumulate one micro-batch's statistics (what the hook does with its results)."""
-        src = source or self.source
-        for k, v in stats.items():
-            w = _weight(k, stats, src)
-            if w is None:  # a count: summed
-                self._sums[k] = self._sums.get(k, 0.0) + float(v)
-            elif w > 0:
-                self._sums[k] = self._sums.get(k, 0.0) + float(v) * w
-                self._weights[k] = self._weights.get(k, 0.0) + w
+        self._means.add(stats, source or self.source)
 
     def pop(self) -> dict[str, float]:
         """Means over the micro-batches seen since the last pop (each weighted by its number of decision
@@ -152,9 +145,7 @@ class ControlTokenCapture:
         pending, self._pending = self._pending, []
         for deferred, source in pending:
             self.add(deferred.resolve(), source)
-        out = {k: (v / self._weights[k] if k in self._weights else v) for k, v in self._sums.items()}
-        self._sums, self._weights = {}, {}
-        return dict(sorted(out.items()))
+        return self._means.pop()
 
     def _hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         batch = self._batch
@@ -253,20 +244,6 @@ def _as_adv(advantages: Any, n: int) -> torch.Tensor | None:
     return a
 
 
-def _weight(key: str, stats: dict[str, float], source: str) -> float | None:
-    """None for a count (summed); else the number of positions the key's mean is taken over."""
-    parts = key.split("/")
-    if parts[-1] in ("count", "tokens"):
-        return None
-    if parts[0] == "cp" and len(parts) == 4:
-        return float(stats.get(f"cp/{parts[1]}/{parts[2]}/count", 0.0))
-    if parts[0] == "gp" and len(parts) == 4:
-        return float(stats.get(f"cp/{source}/{parts[1]}/count", 0.0))
-    if parts[0] == "cp" and len(parts) == 3 and parts[2] == "entropy":
-        return float(stats.get(f"cp/{parts[1]}/tokens", 0.0))
-    return 1.0
-
-
 def _overall_entropy(scores: torch.Tensor, gen_mask: torch.Tensor, source: str, is_logp: bool) -> dict[str, float]:
     """Mean entropy over the positions whose next token was generated, in chunks of rows."""
     nxt = torch.zeros_like(gen_mask, dtype=torch.bool)
@@ -274,10 +251,10 @@ def _overall_entropy(scores: torch.Tensor, gen_mask: torch.Tensor, source: str, 
     r, c = torch.nonzero(nxt[:, : scores.shape[1]], as_tuple=True)
     m = int(r.numel())
     if m == 0:
-        return {f"cp/{source}/tokens": 0.0}
+        return {sequence_tokens_key(source): 0.0}
     total = torch.zeros((), dtype=torch.float32, device=scores.device)
     for i in range(0, m, _ENTROPY_CHUNK):
         rows = scores[r[i:i + _ENTROPY_CHUNK], c[i:i + _ENTROPY_CHUNK]].float()
         logp = rows if is_logp else torch.log_softmax(rows, dim=-1)
         total += -(logp.exp() * logp).sum()
-    return {f"cp/{source}/entropy": float(total / m), f"cp/{source}/tokens": float(m)}
+    return {sequence_entropy_key(source): float(total / m), sequence_tokens_key(source): float(m)}

@@ -9,12 +9,14 @@ tokenizer's chat template; assistant spans found by rendering prefixes).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from collapse_probe.capture.stats import decision_positions, position_stats
+from collapse_probe.capture.stats import RecordMeans, decision_positions, position_stats
 from collapse_probe import world
 from collapse_probe.errors import UserError
+from collapse_probe.schema import Source
 from collapse_probe.tokens import ControlTokens, resolve_control_tokens
 
 
@@ -26,7 +28,7 @@ class ProbeSet:
     pad_id: int
 
     @classmethod
-    def from_world(cls, tokenizer, n: int = 16, roles: ControlTokens | None = None) -> "ProbeSet":
+    def from_world(cls, tokenizer: Any, n: int = 16, roles: ControlTokens | None = None) -> "ProbeSet":
 
         seqs, masks = [], []
         for task in world.task_split("probe", n):
@@ -36,7 +38,7 @@ class ProbeSet:
         return cls(seqs, masks, roles or resolve_control_tokens(tokenizer), _pad(tokenizer))
 
     @classmethod
-    def from_messages(cls, tokenizer, conversations: list[list[dict]], *, tools: list[dict] | None = None,
+    def from_messages(cls, tokenizer: Any, conversations: list[list[dict]], *, tools: list[dict] | None = None,
                       roles: ControlTokens | None = None) -> "ProbeSet":
         """Each conversation is a list of {"role", "content"[, "tool_calls"]} messages."""
         if not getattr(tokenizer, "chat_template", None):
@@ -66,12 +68,12 @@ class ProbeSet:
         return cls(seqs, masks, roles or resolve_control_tokens(tokenizer), _pad(tokenizer))
 
     @torch.no_grad()
-    def score(self, model, *, batch_size: int = 16, source: str = "probe") -> dict[str, float]:
+    def score(self, model: torch.nn.Module, *, batch_size: int = 16,
+              source: str = Source.PROBE.value) -> dict[str, float]:
         """One no-grad forward per batch; returns `cp/probe/{position}/{role}` means over the whole set."""
         was_training = model.training
         model.eval()
-        sums: dict[str, float] = {}
-        counts: dict[str, float] = {}
+        means = RecordMeans()  # each batch's means weighted by its position count
         role_ids = self.roles.distinct_ids()
         device = next(model.parameters()).device
         for i in range(0, len(self.seqs), batch_size):
@@ -85,17 +87,9 @@ class ProbeSet:
             ids, gen, attn = ids.to(device), gen.to(device), attn.to(device)
             logits = model(input_ids=ids, attention_mask=attn).logits
             pos = decision_positions(ids, gen, role_ids)
-            rec = position_stats(logits, ids, pos, role_ids, is_logp=False, source=source)
-            for k, v in rec.items():  # weight each batch's means by its position count
-                kind = k.split("/")[2]
-                w = rec.get(f"cp/{source}/{kind}/count", 0.0)
-                if k.endswith("/count"):
-                    sums[k] = sums.get(k, 0.0) + v
-                    continue
-                sums[k] = sums.get(k, 0.0) + v * w
-                counts[k] = counts.get(k, 0.0) + w
+            means.add(position_stats(logits, ids, pos, role_ids, is_logp=False, source=source), source)
         model.train(was_training)
-        return {k: (v / counts[k] if k in counts and counts[k] else v) for k, v in sums.items()}
+        return means.pop()
 
 
 def _pad(tokenizer) -> int:

@@ -24,8 +24,10 @@ from numbers import Integral, Real
 from pathlib import Path
 from typing import Iterable
 
-from collapse_probe.formats.classify import STATES, FormatSpec, StateMix, classify_turn
 from collapse_probe.errors import UserError
+from collapse_probe.formats.classify import FormatSpec, StateMix, classify_turn
+from collapse_probe.formats.reasons import EMPTY_AT
+from collapse_probe.schema import STATES, FormatState, Position
 
 _WHAT = ("pass a JSONL of {\"text\": <one assistant turn>} lines, our rollouts/step_*.jsonl, a verl "
          "rollout_data_dir, or TRL completions/*.parquet (or a directory of them)")
@@ -34,7 +36,8 @@ _SKIP_NAMES = {"metrics.jsonl"}
 
 
 def load_turns(path: str | Path, spec: FormatSpec | None = None) -> list[dict]:
-    """Every assistant turn found under ``path`` as ``{"text": str, "group": str, "step": int | None}``."""
+    """Every assistant turn found under ``path`` as ``{"text": str, "group": str, "step": int | None}``, plus
+    ``"user": str`` (the user's message the turn answers) when the row holds its prompt."""
     spec = spec or FormatSpec()
     turns: list[dict] = []
     for f in _rollout_files(Path(path)):
@@ -115,9 +118,35 @@ def _load_file(p: Path, spec: FormatSpec) -> list[dict]:
             raise UserError(f"{p}:{n}: no usable text field (looked for 'turns', 'text', 'output', 'completion'; "
                             f"found {keys}); give each line a \"text\" string holding one assistant turn")
         step = _as_step(row.get("step"))
-        group = _group(row.get("group"))
-        out.extend({"text": t, "group": group, "step": step if step is not None else file_step} for t in texts)
+        out.extend(_turn(t, row.get("group"), step if step is not None else file_step,
+                         _user_message(row.get("prompt", row.get("input")))) for t in texts)
     return out
+
+
+def _turn(text: str, group: object, step: int | None, user: str | None) -> dict:
+    turn = {"text": text, "group": _group(group), "step": step}
+    if user:
+        turn["user"] = user
+    return turn
+
+
+_LAST_USER = re.compile(r"(?:<\|im_start\|>|<\|start_header_id\|>|^|\n)user(?:<\|end_header_id\|>)?\n+"
+                        r"((?:(?!<\|im_start\|>|<\|start_header_id\|>|\nassistant\n).)*)", re.S)
+
+
+def _user_message(prompt: object) -> str | None:
+    """The last user message of a prompt: TRL's list of chat messages or plain string, or a decoded ChatML /
+    Llama 3 prompt (verl's ``input``); None when there is none. Used to spot turns that echo the user."""
+    if isinstance(prompt, str):
+        found = _LAST_USER.findall(prompt)
+        text = found[-1] if found else prompt
+        for eot in ("<|im_end|>", "<|eot_id|>"):
+            text = text.split(eot, 1)[0]
+        return text.strip() or None
+    users = [m.get("content") for m in _seq(prompt) if isinstance(m, dict) and m.get("role") == "user"]
+    if not users or not isinstance(users[-1], str):
+        return None
+    return users[-1].strip() or None
 
 
 def _row_texts(row: dict, spec: FormatSpec) -> list[str] | None:
@@ -222,28 +251,33 @@ def _load_parquet(p: Path, spec: FormatSpec) -> list[dict]:
         raise UserError(f"{p}: no 'completion' column (found {', '.join(map(str, df.columns[:8]))}); pass a "
                         "completions_*.parquet written by TRL's GRPOTrainer with log_completions=True")
     file_step = _step_from_name(p)
-    steps = df["step"].tolist() if "step" in df.columns else [None] * len(df)
-    groups = df["group"].tolist() if "group" in df.columns else [None] * len(df)
+    none = [None] * len(df)
+    steps = df["step"].tolist() if "step" in df.columns else none
+    groups = df["group"].tolist() if "group" in df.columns else none
+    prompts = df["prompt"].tolist() if "prompt" in df.columns else none
     out: list[dict] = []
-    for value, step, group in zip(df[col].tolist(), steps, groups):
+    for value, step, group, prompt in zip(df[col].tolist(), steps, groups, prompts):
         s = _as_step(step)
         texts = split_trajectory(value, spec) if col == "output" and isinstance(value, str) \
             else _completion_texts(value, spec)
-        out.extend({"text": t, "group": _group(group), "step": s if s is not None else file_step} for t in texts)
+        user = _user_message(prompt)
+        out.extend(_turn(t, group, s if s is not None else file_step, user) for t in texts)
     return out
 
 
 def summarise_turns(turns: Iterable[dict], spec: FormatSpec | None = None, *,
                     step_bins: int | None = None) -> dict:
-    """Counts per group: ``{"groups": {GROUP: {"turns", <4 states>, "reasons": {code: n}}}}``. With ``step_bins``
+    """Counts per group: ``{"groups": {GROUP: {"turns", <4 states>, "reasons": {code: n}, "empty": {where: n}}}}``
+    (``empty``: empty turns by where they are empty, the `formats.reasons.EMPTY_AT` positions). With ``step_bins``
     and at least one turn with a step, also ``"step_ranges": [{"first_step", "last_step", "groups": {...}}]``:
     the step span cut into ``step_bins`` equal integer ranges (fewer when the span is shorter)."""
     spec = spec or FormatSpec()
-    rows = [(_group(t.get("group")), _as_step(t.get("step")), classify_turn(t.get("text", ""), spec)) for t in turns]
+    rows = [(_group(t.get("group")), _as_step(t.get("step")), classify_turn(t.get("text", ""), spec, t.get("user")))
+            for t in turns]
     groups: dict[str, StateMix] = {}
     for g, _, v in rows:
         groups.setdefault(g, StateMix()).add(v)
-    out: dict = {"groups": {g: groups[g].to_dict() for g in sorted(groups)}}
+    out: dict = {"groups": {g: _mix_dict(groups[g]) for g in sorted(groups)}}
     steps = [s for _, s, _ in rows if s is not None]
     if step_bins and step_bins > 0 and steps:
         lo, hi = min(steps), max(steps)
@@ -254,33 +288,44 @@ def summarise_turns(turns: Iterable[dict], spec: FormatSpec | None = None, *,
             if s is not None:
                 bins[min(k - 1, bisect_right(edges, s) - 1)].setdefault(g, StateMix()).add(v)
         out["step_ranges"] = [{"first_step": edges[i], "last_step": edges[i + 1] - 1,
-                               "groups": {g: b[g].to_dict() for g in sorted(b)}} for i, b in enumerate(bins)]
+                               "groups": {g: _mix_dict(b[g]) for g in sorted(b)}} for i, b in enumerate(bins)]
     return out
 
 
-_LABELS = {"healthy_tool_call": "tool call", "healthy_response": "answer", "text_pollution": "pollution",
-           "full_collapse": "collapse"}
+def _mix_dict(mix: StateMix) -> dict:
+    """A mix's summary plus its empty turns by position: an empty turn start and a bare call tag are different
+    failures (the model never started vs it started a call and stopped)."""
+    return {**mix.to_dict(), "empty": {where.value: mix.reasons.get(code, 0) for code, where in EMPTY_AT.items()}}
+
+
+_LABELS = {FormatState.HEALTHY_TOOL_CALL.value: "tool call", FormatState.HEALTHY_RESPONSE.value: "answer",
+           FormatState.TEXT_POLLUTION.value: "pollution", FormatState.FULL_COLLAPSE.value: "collapse"}
+_EMPTY_LABELS = {Position.TURN_START.value: "start", Position.AFTER_OPEN.value: "tag"}  # where a turn is empty
 
 
 def render_summary(summary: dict, top_reasons: int = 3):
     """One rich Table: a row per group, then a row per step range and group when the summary has ranges."""
     from rich.table import Table
 
-    table = Table(title="Assistant-turn format states")
-    table.add_column("group")
-    table.add_column("steps")
+    table = Table(title="Assistant-turn format states",
+                  caption="empty start/tag: empty turns at turn start / right after the call tag")
+    table.add_column("group", overflow="fold", min_width=10)
+    table.add_column("steps", no_wrap=True)
     table.add_column("turns", justify="right")
     for s in STATES:
         table.add_column(_LABELS[s], justify="right")
-    table.add_column("top reasons")
+    table.add_column("empty\nstart/tag", no_wrap=True)  # empty at a turn start / right after the call tag
+    table.add_column("top reasons", overflow="fold")
 
     def row(group: str, steps: str, d: dict) -> None:
         n = d.get("turns", 0)
         pct = [f"{100 * d.get(s, 0) / n:.0f}%" if n else "-" for s in STATES]
-        if n and d.get("full_collapse", 0) / n >= 0.5:
+        if n and d.get(FormatState.FULL_COLLAPSE.value, 0) / n >= 0.5:
             pct[3] = f"[bold red]{pct[3]}[/]"
+        where = d.get("empty", {})
+        empty = "/".join(str(where.get(w, 0)) for w in _EMPTY_LABELS) if any(where.values()) else "-"
         reasons = ", ".join(f"{r} {c}" for r, c in list(d.get("reasons", {}).items())[:top_reasons])
-        table.add_row(group, steps, str(n), *pct, reasons)
+        table.add_row(group, steps, str(n), *pct, empty, reasons)
 
     for g, d in summary.get("groups", {}).items():
         row(g, "all", d)

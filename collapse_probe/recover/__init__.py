@@ -9,7 +9,7 @@ Four probes on one checkpoint, each independent of the others:
              steps: the latent-skill ratio (recover.repair)
 
 `run_recovery(ckpt)` runs them all and states plainly which probes found the skill (content accuracy >= 0.60)
-and which did not. `render_recovery_table` and `recovery_markdown` present the result.
+and which did not. Whether the checkpoint has collapsed is decided by the one collapse rule of detect/rule.py. `render_recovery_table` and `recovery_markdown` present the result.
 """
 
 from __future__ import annotations
@@ -18,18 +18,24 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from collapse_probe.errors import UserError
+from collapse_probe.formats.registry import HERMES
 from collapse_probe.recover.evaluate import evaluate_format, format_spread, score_episode
-from collapse_probe.formats.syntaxes import FORMAT_NAMES, FORMATS, ToolFormat, get_format, parse_format_list
+from collapse_probe.recover.grid import FORMAT_NAMES, FORMATS, GridFormat, get_format, parse_format_list
 from collapse_probe.recover.masked import ForbidTokens, ObserveAfterOpen, masked_eval, spiking_roles
+from collapse_probe.capture.stats import role_probs
+from collapse_probe.detect.rule import DEFAULT_RULE
+from collapse_probe.schema import Position, Source
 from collapse_probe.recover.repair import sft_repair
 
 __all__ = ["run_recovery", "load_checkpoint", "evaluate_format", "masked_eval", "sft_repair", "get_format",
-           "FORMATS", "FORMAT_NAMES", "ToolFormat", "ForbidTokens", "ObserveAfterOpen", "spiking_roles",
+           "FORMATS", "FORMAT_NAMES", "GridFormat", "ForbidTokens", "ObserveAfterOpen", "spiking_roles",
            "format_spread", "score_episode", "findings", "parse_format_list", "render_recovery_table",
-           "recovery_markdown", "SKILL_THRESHOLD", "COLLAPSE_THRESHOLD"]
+           "recovery_markdown", "SKILL_THRESHOLD", "checkpoint_collapsed"]
 
 SKILL_THRESHOLD = 0.6  # content accuracy at which a probe "found the skill"
-COLLAPSE_THRESHOLD = 0.2  # canonical greedy success below this: collapsed
+# how the one collapse rule reads on a single checkpoint, for the findings
+_RULE_TEXT = (f"detect.rule: greedy success below {DEFAULT_RULE.drop_frac:.2f} x 1.00 (no healthy reference) "
+              f"and at least {DEFAULT_RULE.broken_frac:.0%} of assistant turns broken")
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total); phases: formats, masked, repair, fresh
 
@@ -92,7 +98,7 @@ def run_recovery(ckpt_path: str | Path, *, formats: str | Sequence[str] | None =
          "spread": best minus worst content accuracy across the formats,
          "masked": {"validity", "success", "content_accuracy", "masked_roles", ...},
          "repair": {"steps", "success_before", "success_after", "fresh_steps_to_same", ...} (None if skipped),
-         "collapsed": canonical success < 0.2,
+         "collapsed": the collapse rule of detect/rule.py on the canonical success and broken turns,
          "findings": [plain sentences]}
     """
     from collapse_probe.capture.probe_set import ProbeSet
@@ -110,13 +116,13 @@ def run_recovery(ckpt_path: str | Path, *, formats: str | Sequence[str] | None =
 
     # canonical first, with an observer: on-policy p(role | right after <tool_call>) comes for free
     observer = ObserveAfterOpen(roles)
-    canon = evaluate_format(model, tok, "canonical", n=n, max_turns=max_turns, logits_processor=observer)
+    canon = evaluate_format(model, tok, HERMES, n=n, max_turns=max_turns, logits_processor=observer)
     results: dict[str, dict] = {}
     details: dict[str, dict] = {}
     total = len(fmts)
     for i, fmt in enumerate(fmts):
         tick("formats", i, total)
-        res = canon if fmt.name == "canonical" else evaluate_format(model, tok, fmt, n=n, max_turns=max_turns)
+        res = canon if fmt.name == HERMES else evaluate_format(model, tok, fmt, n=n, max_turns=max_turns)
         details[fmt.name] = res
         results[fmt.name] = {k: res[k] for k in ("validity", "content_accuracy", "success")}
     tick("formats", total, total)
@@ -126,8 +132,7 @@ def run_recovery(ckpt_path: str | Path, *, formats: str | Sequence[str] | None =
     onpolicy = observer.probs()
     masked = masked_eval(model, tok, mask_roles, n=n, max_turns=max_turns, probe=probe_scores, onpolicy=onpolicy,
                          roles=roles)
-    masked["probe_after_open"] = {k.rsplit("/", 1)[1]: v for k, v in probe_scores.items()
-                                  if k.startswith("cp/probe/after_open/") and not k.endswith("/count")}
+    masked["probe_after_open"] = role_probs(probe_scores, Source.PROBE, Position.AFTER_OPEN)
     masked["onpolicy_after_open"] = onpolicy
     tick("masked", 1, 1)
 
@@ -142,16 +147,24 @@ def run_recovery(ckpt_path: str | Path, *, formats: str | Sequence[str] | None =
         "spread": format_spread(results),
         "masked": masked,
         "repair": repair,
-        "collapsed": canon["success"] < COLLAPSE_THRESHOLD,
+        "collapsed": checkpoint_collapsed(canon),
         "findings": [],
     }
     result["findings"] = findings(result, canonical_content=canon["content_accuracy"], details=details)
     return result
 
 
+def checkpoint_collapsed(canonical: dict) -> bool:
+    """The one collapse definition (detect.rule) on one checkpoint: canonical greedy success against a reference
+    of 1.0, and broken turns = 1 - the canonical format validity (when known)."""
+    validity = canonical.get("validity")
+    broken = None if validity is None else 1.0 - float(validity)
+    return DEFAULT_RULE.checkpoint_collapsed(float(canonical["success"]), broken, reference=1.0)
+
+
 # ------------------------------------------------------------------------------------------------ findings
 def _where(position: str) -> str:
-    return "after <tool_call>" if position == "after_open" else "inside an open <tool_call>"
+    return "after <tool_call>" if position == Position.AFTER_OPEN.value else "inside an open <tool_call>"
 
 
 def findings(result: dict, *, canonical_content: float | None = None,
@@ -161,17 +174,17 @@ def findings(result: dict, *, canonical_content: float | None = None,
     out: list[str] = []
     can, fmts, m, rep = result["canonical"], result["formats"], result.get("masked"), result.get("repair")
     collapsed = result["collapsed"]
-    if canonical_content is None and "canonical" in fmts:
-        canonical_content = fmts["canonical"]["content_accuracy"]
+    if canonical_content is None and HERMES in fmts:
+        canonical_content = fmts[HERMES]["content_accuracy"]
     # the skill is "hidden" when the trained format does not show it; only then can a probe restore it
     hidden = collapsed or (canonical_content is not None and canonical_content < SKILL_THRESHOLD)
     state = "collapsed" if collapsed else "not collapsed"
-    out.append(f"{state}: canonical greedy success {can['success']:.2f}, {can['validity']:.0%} of assistant turns "
+    out.append(f"{state} ({_RULE_TEXT}): canonical greedy success {can['success']:.2f}, {can['validity']:.0%} of assistant turns "
                "well-formed" + (f", content accuracy {canonical_content:.2f}" if canonical_content is not None else ""))
-    if collapsed and can["validity"] >= 0.8:
-        out.append(f"the turns stay well-formed ({can['validity']:.0%}) while success is gone: this collapse lives in "
+    if DEFAULT_RULE.success_dropped(can["success"]) and can["validity"] >= 0.8:  # a drop the rule does not call
+        out.append(f"the turns stay well-formed ({can['validity']:.0%}) while success is gone: this failure lives in "
                    "the content (wrong or repeated calls), not in a control-token spike")
-    others = {k: v for k, v in fmts.items() if k != "canonical"}
+    others = {k: v for k, v in fmts.items() if k != HERMES}
     found = {k: v for k, v in others.items() if v["content_accuracy"] >= SKILL_THRESHOLD}
     missed = {k: v for k, v in others.items() if v["content_accuracy"] < SKILL_THRESHOLD}
     if found:
@@ -197,7 +210,7 @@ def findings(result: dict, *, canonical_content: float | None = None,
     masked_found = False
     if m:
         roles = " and ".join(m["masked_roles"]) or "nothing"
-        where = _where(m.get("position", "after_open"))
+        where = _where(m.get("position", Position.AFTER_OPEN.value))
         how = {"auto": "spiking, picked automatically", "auto-fallback": "nothing spiked above 0.05, so the "
                "paper's token", "given": "as asked"}.get(m.get("selection", ""), "")
         changed = m.get("mask_changed", 0)
@@ -271,11 +284,12 @@ def _rows(result: dict) -> list[tuple[str, str, str, str, str]]:
         fmt = FORMATS.get(name)
         note = fmt.description if fmt else ""
         rows.append((name, _f(r["validity"]), _f(r["content_accuracy"]), _f(r["success"]), note))
-    if "canonical" not in result["formats"]:
-        rows.insert(0, ("canonical", _f(can["validity"]), "-", _f(can["success"]), "trained format"))
+    if HERMES not in result["formats"]:
+        rows.insert(0, (HERMES, _f(can["validity"]), "-", _f(can["success"]), "trained format"))
     m = result.get("masked")
     if m:
-        rows.append((f"masked {'+'.join(m['masked_roles'])} @ {m.get('position', 'after_open')}", _f(m["validity"]),
+        rows.append((f"masked {'+'.join(m['masked_roles'])} @ {m.get('position', Position.AFTER_OPEN.value)}",
+                     _f(m["validity"]),
                      _f(m["content_accuracy"]), _f(m["success"]),
                      f"{m.get('selection', '')}; overrode {m.get('mask_changed', 0)} greedy choices"))
     rep = result.get("repair")

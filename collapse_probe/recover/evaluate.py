@@ -11,7 +11,7 @@ Three numbers, kept apart on purpose (a collapse is a format failure; a lost ski
 
 The environment executes calls with the format's own parser. Two diagnostics come with them:
 `content_accuracy_any_syntax` (the same count when a call written in any syntax of the grid is read: the content
-of a model that ignores the requested syntax) and `canonical_turn_frac` (turns that are canonical `<tool_call>`
+of a model that ignores the requested syntax) and `canonical_turn_frac` (turns that are hermes `<tool_call>`
 calls whatever was asked).
 """
 
@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from collapse_probe.formats.syntaxes import FORMATS, ToolFormat, get_format
 from collapse_probe import world
+from collapse_probe.formats.registry import HERMES
+from collapse_probe.recover.grid import FORMATS, GridFormat, get_format
 from collapse_probe.train.rollout import LogitsProcessor, rollout
 
 
-def any_syntax_parse(fmt: ToolFormat, text: str) -> list[dict]:
+def any_syntax_parse(fmt: GridFormat, text: str) -> list[dict]:
     """Calls in `fmt`'s syntax, else in the first other syntax of the grid that reads the turn cleanly."""
     for parser in [fmt] + [f for f in FORMATS.values() if f.kind == "syntax" and f.name != fmt.name]:
         calls, error = parser.parse(text)
@@ -33,7 +34,7 @@ def any_syntax_parse(fmt: ToolFormat, text: str) -> list[dict]:
     return []
 
 
-def _match(fmt: ToolFormat, calls: list[dict], oracle: list, k: int) -> tuple[int, int]:
+def _match(fmt: GridFormat, calls: list[dict], oracle: list, k: int) -> tuple[int, int]:
     """Walk `calls` against the oracle chain from step k; returns (matched, new k)."""
     matched = 0
     for call in calls:
@@ -44,12 +45,12 @@ def _match(fmt: ToolFormat, calls: list[dict], oracle: list, k: int) -> tuple[in
     return matched, k
 
 
-def score_episode(fmt: ToolFormat, task: world.Task, turns: Sequence[str], success: bool) -> dict[str, int]:
+def score_episode(fmt: GridFormat, task: world.Task, turns: Sequence[str], success: bool) -> dict[str, int]:
     """Counts for one episode: valid turns, matched oracle steps, attempted calls, correct answer; and the same
     content count when calls written in any syntax of the grid are read (`matched_any_syntax`), plus how many
     turns were well-formed canonical calls (`canonical_turns`: a model ignoring the syntax it was asked for)."""
     oracle = [(name, args) for name, args, _ in task.oracle_calls()]
-    canonical = FORMATS["canonical"]
+    canonical = FORMATS[HERMES]
     k = k_any = matched = matched_any = attempted = valid = canonical_turns = 0
     for text in turns:
         valid += bool(fmt.validity(text))
@@ -68,7 +69,7 @@ def score_episode(fmt: ToolFormat, task: world.Task, turns: Sequence[str], succe
             "canonical_turns": canonical_turns}
 
 
-def max_new_tokens_for(fmt: ToolFormat, tok, *, floor: int = 40, n_tasks: int = 8) -> int:
+def max_new_tokens_for(fmt: GridFormat, tok, *, floor: int = 40, n_tasks: int = 8) -> int:
     """Room for the longest oracle turn of this format with this tokenizer (x1.5), at least `floor`."""
     longest = 0
     for task in world.task_split("format_probe", n_tasks):
@@ -77,7 +78,7 @@ def max_new_tokens_for(fmt: ToolFormat, tok, *, floor: int = 40, n_tasks: int = 
     return max(floor, int(longest * 1.5) + 8)
 
 
-def evaluate_format(model, tok, fmt: ToolFormat | str, *, n: int = 32, max_turns: int = 8,
+def evaluate_format(model, tok, fmt: GridFormat | str, *, n: int = 32, max_turns: int = 8,
                     max_new_tokens: int | None = None, logits_processor: LogitsProcessor | None = None,
                     offset: int = 0, keep_turns: int = 0) -> dict:
     """Greedy rollouts of `n` held-out tasks posed in format `fmt`; returns validity, content_accuracy, success

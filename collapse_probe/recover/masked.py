@@ -6,20 +6,26 @@ the calls back; if the model still fails, the damage spread beyond one token.
 
 Positions (the current turn's generated ids, as `rollout`'s LogitsProcessor sees them):
 
-    after_open  the ids end with [tool_open] or [tool_open, newline]: the decision right after the tag
+    after_open  capture's decision position (`capture.stats.prefix_decisions`, the rule of `decision_masks`):
+                after the tag's newline, or after the bare tag, which is the decision unless a newline follows
     in_call     anywhere inside a call that is open (a tool_open with no tool_close after it)
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
+from collapse_probe.capture.stats import prefix_decisions, role_probs
 from collapse_probe.errors import UserError
+from collapse_probe.schema import Position, Source
 from collapse_probe.tokens import ControlTokens, resolve_control_tokens
 
-POSITIONS = ("after_open", "in_call")
+AFTER_OPEN = Position.AFTER_OPEN.value
+IN_CALL = "in_call"
+AFTER_TAG = "after_tag"  # observer only: the ids end with the bare tag and the newline may still follow
+POSITIONS = (AFTER_OPEN, IN_CALL)
 SPIKE_THRESHOLD = 0.05
 NEVER_AUTO_MASK = ("json_open", "newline")  # the healthy continuations after the tag
 
@@ -31,30 +37,31 @@ class ForbidTokens:
     (`changed`: the decisions the mask actually overrode)."""
 
     def __init__(self, forbid_ids: Sequence[int], *, open_id: int, newline_id: int | None = None,
-                 close_id: int | None = None, position: str = "after_open"):
+                 close_id: int | None = None, position: str = AFTER_OPEN):
         if position not in POSITIONS:
             raise UserError(f"unknown mask position {position!r}: use {' or '.join(POSITIONS)}")
         self.forbid = torch.tensor(sorted(set(int(i) for i in forbid_ids)), dtype=torch.long)
         self.open_id, self.newline_id, self.close_id, self.position = open_id, newline_id, close_id, position
+        self.role_ids = {r: i for r, i in (("tool_open", open_id), ("newline", newline_id), ("tool_close", close_id))
+                         if i is not None}
         self.applied = 0
         self.changed = 0
 
-    def at_position(self, gen: Sequence[int]) -> bool:
-        if not gen:
-            return False
-        if self.position == "after_open":
-            if gen[-1] == self.open_id:
-                return True
-            return self.newline_id is not None and len(gen) >= 2 and gen[-1] == self.newline_id \
-                and gen[-2] == self.open_id
-        # in_call: the last tool_open has no tool_close after it
+    def rows(self, gen: Sequence[Sequence[int]]) -> list[int]:
+        """The rows whose next token is decided at the mask's position."""
+        if self.position == AFTER_OPEN:  # the capture's definition, the token being decided unknown
+            return [i for i, hit in enumerate(prefix_decisions(gen, self.role_ids)[AFTER_OPEN]) if hit]
+        return [i for i, g in enumerate(gen) if self._in_call(g)]
+
+    def _in_call(self, gen: Sequence[int]) -> bool:
+        """The last tool_open has no tool_close after it."""
         last_open = max((i for i, t in enumerate(gen) if t == self.open_id), default=-1)
         if last_open < 0:
             return False
         return self.close_id is None or self.close_id not in gen[last_open + 1:]
 
     def __call__(self, gen: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
-        rows = [i for i, g in enumerate(gen) if self.at_position(g)]
+        rows = self.rows(gen)
         if not rows or self.forbid.numel() == 0:
             return logits
         idx = torch.tensor(rows, dtype=torch.long, device=logits.device)
@@ -68,26 +75,27 @@ class ForbidTokens:
 
 
 class ObserveAfterOpen:
-    """A LogitsProcessor that changes nothing and records the next-token probability of each control role
-    right after the tag (`after_tag`: ids end with [tool_open]) and after the tag's newline (`after_open`):
-    the on-policy view of the spike, which can differ a lot from the fixed gold contexts."""
+    """A LogitsProcessor that changes nothing and records the next-token probability of each control role at
+    capture's `after_open` decision position (`capture.stats.prefix_decisions`): the on-policy view of the spike,
+    which can differ a lot from the fixed gold contexts. Rows ending in the bare tag are that position only when
+    no newline follows, which is not known yet when the token is being decided: they are kept apart, as
+    `after_tag` (the same as `after_open` for a tokenizer without a newline token, which never has them)."""
 
     def __init__(self, roles: ControlTokens):
-        self.role_ids = {r: i for r, i in roles.ids.items()}
+        self.role_ids = dict(roles.ids)
         self.open_id = roles.ids.get("tool_open")
         self.newline_id = roles.ids.get("newline")
-        self.sums: dict[str, dict[str, float]] = {"after_tag": {}, "after_open": {}}
-        self.counts = {"after_tag": 0, "after_open": 0}
+        self.sums: dict[str, dict[str, float]] = {AFTER_TAG: {}, AFTER_OPEN: {}}
+        self.counts = {AFTER_TAG: 0, AFTER_OPEN: 0}
 
     def __call__(self, gen: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
         if self.open_id is None:
             return logits
-        for kind in ("after_tag", "after_open"):
-            if kind == "after_tag":
-                rows = [i for i, g in enumerate(gen) if g and g[-1] == self.open_id]
-            else:
-                rows = [i for i, g in enumerate(gen) if len(g) >= 2 and g[-1] == self.newline_id
-                        and g[-2] == self.open_id]
+        maybe = prefix_decisions(gen, self.role_ids)[AFTER_OPEN]  # whatever the next token
+        sure = maybe if self.newline_id is None else \
+            prefix_decisions(gen, self.role_ids, next_id=self.newline_id)[AFTER_OPEN]  # even if a newline follows
+        for kind, hits in ((AFTER_OPEN, sure), (AFTER_TAG, [a and not b for a, b in zip(maybe, sure)])):
+            rows = [i for i, hit in enumerate(hits) if hit]
             if not rows:
                 continue
             p = torch.softmax(logits[rows].float(), dim=-1)
@@ -109,7 +117,7 @@ class ObserveAfterOpen:
 def spiking_roles(roles: ControlTokens, *, probe: dict[str, float] | None = None,
                   onpolicy: dict[str, dict[str, float]] | None = None,
                   threshold: float = SPIKE_THRESHOLD) -> tuple[list[str], dict[str, float]]:
-    """Roles whose p right after the tag (probe set `cp/probe/after_open/*`, or on-policy `after_open` /
+    """Roles whose p right after the tag (probe set `cp/probe/after_open/{role}`, or on-policy `after_open` /
     `after_tag`) exceeds `threshold`, other than the healthy continuations (json_open, newline). Roles that
     share a token id are reported once, under the canonical role name. Returns (roles, max p per role)."""
     best: dict[str, float] = {}
@@ -119,10 +127,9 @@ def spiking_roles(roles: ControlTokens, *, probe: dict[str, float] | None = None
             name = roles.role_of(roles.ids[role]) or role
             best[name] = max(best.get(name, 0.0), float(p))
 
-    for key, p in (probe or {}).items():
-        if key.startswith("cp/probe/after_open/"):
-            see(key.rsplit("/", 1)[1], p)
-    for kind in ("after_open", "after_tag"):
+    for role, p in role_probs(probe or {}, Source.PROBE, Position.AFTER_OPEN).items():
+        see(role, p)
+    for kind in (AFTER_OPEN, AFTER_TAG):
         for role, p in ((onpolicy or {}).get(kind) or {}).items():
             if role != "count":
                 see(role, p)
@@ -130,8 +137,9 @@ def spiking_roles(roles: ControlTokens, *, probe: dict[str, float] | None = None
     return picked, best
 
 
-def masked_eval(model, tok, roles_to_mask: Sequence[str] | None = None, position: str = "after_open",
-                n: int = 32, *, max_turns: int = 8, fmt="canonical", threshold: float = SPIKE_THRESHOLD,
+def masked_eval(model: torch.nn.Module, tok: Any, roles_to_mask: Sequence[str] | None = None,
+                position: str = AFTER_OPEN, n: int = 32, *, max_turns: int = 8, fmt: Any = "canonical",
+                threshold: float = SPIKE_THRESHOLD,
                 probe: dict[str, float] | None = None, onpolicy: dict[str, dict[str, float]] | None = None,
                 roles: ControlTokens | None = None, per_role: bool = True) -> dict:
     """Greedy canonical evaluation with the spiking control tokens forbidden at `position`.

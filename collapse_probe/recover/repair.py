@@ -18,26 +18,26 @@ from __future__ import annotations
 
 import copy
 import random
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from collapse_probe.capture.probe_set import ProbeSet
+from collapse_probe.capture.stats import role_probs
 from collapse_probe import world
+from collapse_probe.schema import Position, Source
 from collapse_probe.train.trainer import TrainConfig, sft_step, evaluate
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
-def after_open_probs(model, tok, probe: ProbeSet | None = None) -> dict[str, float]:
-    """Probe-set next-token probabilities right after `<tool_call>\\n`: {role: p} (from cp/probe/after_open/*)."""
+def after_open_probs(model: torch.nn.Module, tok: Any, probe: ProbeSet | None = None) -> dict[str, float]:
+    """Probe-set next-token probabilities right after `<tool_call>\\n`: {role: p} (from cp/probe/after_open/{role})."""
     probe = probe or ProbeSet.from_world(tok, n=16)
-    rec = probe.score(model)
-    pre = "cp/probe/after_open/"
-    return {k[len(pre):]: v for k, v in rec.items() if k.startswith(pre) and not k.endswith("/count")}
+    return role_probs(probe.score(model), Source.PROBE, Position.AFTER_OPEN)
 
 
-def fresh_like(model, seed: int = 0):
+def fresh_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """The same architecture and config, randomly re-initialised with a fixed seed."""
     from transformers import AutoModelForCausalLM
 
@@ -46,7 +46,7 @@ def fresh_like(model, seed: int = 0):
     return fresh.to(dtype=next(model.parameters()).dtype)
 
 
-def sft_until(model, tok, *, target: float, max_steps: int, eval_every: int = 5, lr: float = 1e-3,
+def sft_until(model: torch.nn.Module, tok: Any, *, target: float, max_steps: int, eval_every: int = 5, lr: float = 1e-3,
               batch: int = 16, pool: int = 256, n: int = 32, max_turns: int = 8, seed: int = 0,
               phase: str = "repair", progress: Progress | None = None) -> dict:
     """SFT `model` in place on the oracle pool until greedy success >= target (checked every `eval_every`
@@ -76,8 +76,8 @@ def sft_until(model, tok, *, target: float, max_steps: int, eval_every: int = 5,
     return {"steps": step, "success": success, "reached": reached, "curve": curve}
 
 
-def sft_repair(model, tok, *, max_steps: int = 50, eval_every: int = 5, target: float = 0.8, lr: float = 1e-3,
-               batch: int = 16, pool: int = 256, n: int = 32, max_turns: int = 8, fresh: bool = True,
+def sft_repair(model: torch.nn.Module, tok: Any, *, max_steps: int = 50, eval_every: int = 5, target: float = 0.8,
+               lr: float = 1e-3, batch: int = 16, pool: int = 256, n: int = 32, max_turns: int = 8, fresh: bool = True,
                fresh_max_steps: int = 300, seed: int = 0, success_before: float | None = None,
                progress: Progress | None = None) -> dict:
     """Repair a copy of `model` (the caller's model is not touched), then train a fresh model the same way

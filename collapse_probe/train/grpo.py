@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from collapse_probe import schema
 from collapse_probe.capture.stats import decision_positions, position_stats
 from collapse_probe.train.rollout import Trajectory
 from collapse_probe.train.sft import collate
@@ -60,7 +61,7 @@ def grpo_loss(model, trajs: list[Trajectory], advantages: torch.Tensor, *, pad_i
         kl = (torch.exp(d) - d - 1)  # k3 estimator, >= 0
         kl_mean = (kl * mask).sum() / n_tok
         loss = loss + kl_coef * kl_mean
-        metrics["kl"] = float(kl_mean.detach())
+        metrics[schema.KL] = float(kl_mean.detach())
     with torch.no_grad():
         sel = mask.bool()
         rows = logp_all[sel]  # entropy of generated positions, a trainer metric like TRL's

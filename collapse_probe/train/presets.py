@@ -17,60 +17,35 @@ import dataclasses
 import hashlib
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from collapse_probe.errors import UserError
-from collapse_probe.train.trainer import TrainConfig, train
+from collapse_probe.train.config import Mode, Schedule, TrainConfig
+from collapse_probe.train.trainer import train
+from collapse_probe.world import RewardSpec
 
 # Outcome reward plus a per-turn format bonus for opening a tool call: a turn that is only `<tool_call>` then
 # end-of-turn collects the bonus and gets an error observation, so GRPO can farm it (the bare-tag shortcut).
-_BONUS_REWARD = {"correct": 1.0, "wrong": 0.0, "no_answer": 0.0, "tag_bonus": 0.5, "max_bonus_tags": 12}
-_OUTCOME_REWARD = {"correct": 1.0, "wrong": 0.0, "no_answer": 0.0, "tag_bonus": 0.0, "max_bonus_tags": 12}
-# Bump when the task draw changes, so a cached SFT model trained on other tasks is not reused.
-TASK_SEEDS_VERSION = "tasks-v2"
+_BONUS_REWARD = RewardSpec(correct=1.0, wrong=0.0, no_answer=0.0, tag_bonus=0.5, max_bonus_tags=12)
+_OUTCOME_REWARD = RewardSpec(correct=1.0, wrong=0.0, no_answer=0.0, tag_bonus=0.0, max_bonus_tags=12)
 _RL = dict(steps=50, warmup_steps=10, max_turns=12, eval_every=0, probe_every=5, save_every=5)
 
 PRESETS: dict[str, TrainConfig] = {
-    "sft": TrainConfig(mode="sft", size="tiny", steps=500, lr=3e-3, lr_schedule="cosine", sft_batch=32,
-                       retry_frac=0.1, eval_every=100,
-                       probe_every=25, save_every=0),
-    "grpo-collapse": TrainConfig(mode="grpo", lr=5e-4, reward=dict(_BONUS_REWARD), **_RL),
-    "grpo-stable": TrainConfig(mode="grpo", lr=2e-4, kl_coef=0.05, reward=dict(_OUTCOME_REWARD), **_RL),
-    "interleaved": TrainConfig(mode="interleaved", lr=5e-4, reward=dict(_BONUS_REWARD), sft_every=2, sft_steps=1,
+    "sft": TrainConfig(mode=Mode.SFT, size="tiny", steps=500, lr=3e-3, lr_schedule=Schedule.COSINE, sft_batch=32,
+                       retry_frac=0.1, eval_every=100, probe_every=25, save_every=0),
+    "grpo-collapse": TrainConfig(mode=Mode.GRPO, lr=5e-4, reward=_BONUS_REWARD, **_RL),
+    "grpo-stable": TrainConfig(mode=Mode.GRPO, lr=2e-4, kl_coef=0.05, reward=_OUTCOME_REWARD, **_RL),
+    "interleaved": TrainConfig(mode=Mode.INTERLEAVED, lr=5e-4, reward=_BONUS_REWARD, sft_every=2, sft_steps=1,
                                sft_lr=5e-4, **_RL),
 }
 
 
-def get_preset(name: str, **overrides) -> TrainConfig:
+def get_preset(name: str, **overrides: Any) -> TrainConfig:
+    """A fresh copy of preset `name` with the given fields replaced (None: keep the preset's value); the copy
+    is validated like any config, so a bad override raises UserError naming the field."""
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
-    cfg = dataclasses.replace(PRESETS[name])
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(cfg, key, value)
-    return cfg
-
-
-def apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
-    """Apply KEY=VALUE strings (`reward.tag_bonus=0` reaches into the reward dict); values parse as JSON."""
-    import json
-
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set group_size=4")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        if key.startswith("reward."):
-            cfg.reward = {**cfg.reward, key[7:]: value}
-        elif key in fields:
-            setattr(cfg, key, value)
-        else:
-            raise UserError(f"--set {item!r}: unknown field {key!r}; fields are {', '.join(fields)}")
-    return cfg
+    return dataclasses.replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
 def cache_dir() -> Path:
@@ -80,7 +55,7 @@ def cache_dir() -> Path:
 def sft_checkpoint(*, progress: Callable[[int, dict], None] | None = None, steps: int | None = None) -> Path:
     """The cached SFT model every RL preset starts from; trained (seed 0) on first use."""
     cfg = get_preset("sft", steps=steps)
-    key = hashlib.sha1((TASK_SEEDS_VERSION + cfg.to_json()).encode()).hexdigest()[:10]
+    key = hashlib.sha1(cfg.to_json().encode()).hexdigest()[:10]
     run = cache_dir() / f"sft-{key}"
     ckpt = run / f"checkpoint-{cfg.steps}"
     if (ckpt / "model.safetensors").exists():

@@ -1,77 +1,49 @@
 """The reference trainer: SFT, multi-turn GRPO, and interleaved SFT+RL, with capture on by default.
 
-Read top to bottom: `TrainConfig` (every knob), `train()` (the loop), then the helpers it calls.
+Read top to bottom: `get_lr()`, `train()` (the loop), then the helpers it calls; every knob is a field of
+`TrainConfig` (config.py), checked before anything is written.
 A run directory holds `config.json`, `metrics.jsonl` (one record per step, appended and flushed), sampled
 rollouts as text under `rollouts/`, and checkpoints `checkpoint-N/` in the Hugging Face layout.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from collapse_probe.capture.probe_set import ProbeSet
+from collapse_probe.errors import UserError
 from collapse_probe.formats.classify import FormatSpec, classify_turn
 from collapse_probe.runlog import RolloutLog, RunLog
+from collapse_probe.schema import FORMAT_VALID, HEALTHY_STATES, FormatState, reason_key, state_key
 from collapse_probe.tokens import resolve_control_tokens
 from collapse_probe.train import grpo, sft, tiny
-from collapse_probe import world
+from collapse_probe import schema, world
+from collapse_probe.train.config import Mode, Schedule, TrainConfig
 from collapse_probe.train.rollout import rollout
 
 
-@dataclass
-class TrainConfig:
-    mode: str = "grpo"  # "sft" | "grpo" | "interleaved"
-    steps: int = 60
-    seed: int = 0
-    init: str | None = None  # a checkpoint dir to start from (grpo/interleaved) or None: build the tiny model
-    size: str = "small"  # tiny model size when built from scratch
-    lr: float = 1e-3
-    lr_schedule: str = "constant"  # "constant" | "cosine" (to 10% of lr at the last step)
-    warmup_steps: int = 0  # linear warm-up: keeps Adam's first, outsized updates from wrecking a trained policy
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    threads: int = 2
-    # SFT
-    sft_batch: int = 32
-    retry_frac: float = 0.1  # oracle traces holding one "empty call -> tool error -> retry"
-    # GRPO
-    prompts_per_step: int = 8
-    group_size: int = 8
-    temperature: float = 1.0
-    clip_eps: float = 0.2
-    kl_coef: float = 0.0
-    max_turns: int = 8
-    max_new_tokens: int = 40
-    reward: dict = field(default_factory=lambda: {"correct": 1.0, "wrong": 0.0, "no_answer": 0.0, "tag_bonus": 0.0})
-    # interleaved SFT+RL: every `sft_every` RL steps, `sft_steps` SFT steps on oracle data of failed prompts
-    sft_every: int = 0
-    sft_steps: int = 1
-    sft_lr: float | None = None
-    # logging
-    eval_every: int = 0  # greedy held-out success every N steps (0: only at the end)
-    eval_tasks: int = 64
-    probe_every: int = 5  # fixed probe set every N steps (0: off)
-    save_every: int = 10  # checkpoint-N/ every N steps (0: only the last)
-    log_rollouts: int = 8  # sampled conversations written as text per step
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
+def get_lr(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over `warmup_steps`, times the schedule (cosine: from lr to 10% of lr at the last step)."""
+    scale = 1.0
+    if cfg.lr_schedule is Schedule.COSINE:
+        scale = 0.1 + 0.45 * (1 + math.cos(math.pi * step / cfg.steps))
+    if cfg.warmup_steps:
+        scale *= min(1.0, (step + 1) / cfg.warmup_steps)
+    return cfg.lr * scale
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dict], None] | None = None) -> Path:
     """Run one training job into `out_dir`; returns the path of the last checkpoint."""
+    cfg.validate()  # fields may have been set after construction
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(cfg.to_json())
+    check_run_dir(out, cfg)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -84,7 +56,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dic
         ref_model, _ = _load(cfg)
         ref_model.eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    reward = world.RewardSpec(**cfg.reward)
+    # only now, with the config checked and the model loaded, does the run directory change
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(cfg.to_json())
     log, rlog = RunLog(out), RolloutLog(out)
     failed: list[world.Task] = []
     spec = FormatSpec.hermes()
@@ -96,25 +70,22 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dic
         if probe is not None and step % cfg.probe_every == 0:
             rec.update(probe.score(model))
         if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps:
-            rec["eval/success"] = evaluate(model, tok, n=cfg.eval_tasks, max_turns=cfg.max_turns,
+            rec[schema.EVAL_SUCCESS] = evaluate(model, tok, n=cfg.eval_tasks, max_turns=cfg.max_turns,
                                            max_new_tokens=cfg.max_new_tokens)
         if step == cfg.steps:  # the last record only measures; no update after it
-            rec["time/step_s"] = time.time() - t0
+            rec[schema.STEP_TIME] = time.time() - t0
             log.append(rec)
             break
-        scale = 0.1 + 0.45 * (1 + math.cos(math.pi * step / max(cfg.steps, 1))) if cfg.lr_schedule == "cosine" else 1.0
-        if cfg.warmup_steps:
-            scale *= min(1.0, (step + 1) / cfg.warmup_steps)
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * scale
-        if cfg.mode == "sft":
+            g["lr"] = get_lr(step, cfg)
+        if cfg.mode is Mode.SFT:
             tasks = world.task_split("train", cfg.sft_batch, offset=step * cfg.sft_batch, run_seed=cfg.seed)
             rec.update(sft_step(model, opt, tok, tasks, cfg, rng))
         else:
             tasks = world.task_split("train", cfg.prompts_per_step, offset=step * cfg.prompts_per_step,
                                      run_seed=cfg.seed)
             trajs = rollout(model, tok, tasks, group_size=cfg.group_size, max_turns=cfg.max_turns,
-                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, reward=reward,
+                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, reward=cfg.reward,
                             seed=cfg.seed * 100_003 + step)
             adv = grpo.group_advantages(trajs)
             out_loss = grpo.grpo_loss(model, trajs, adv, pad_id=tok.pad_token_id, clip_eps=cfg.clip_eps,
@@ -126,14 +97,14 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dic
             opt.step()
             rec.update(out_loss.metrics)
             rec.update(_rollout_metrics(trajs, tok, spec))
-            rec.update({"phase": "rl", "loss": float(out_loss.loss.detach()), "grad_norm": float(gn),
-                        "lr": opt.param_groups[0]["lr"]})
+            rec.update({schema.PHASE: "rl", schema.LOSS: float(out_loss.loss.detach()), schema.GRAD_NORM: float(gn),
+                        schema.LR: opt.param_groups[0]["lr"]})
             failed = ([t.task for t in trajs if not t.success] + failed)[:64]
             if cfg.log_rollouts:
                 rlog.write(step, [_rollout_row(t, tok, step) for t in trajs[: cfg.log_rollouts]])
-            if cfg.mode == "interleaved" and cfg.sft_every and (step + 1) % cfg.sft_every == 0:
+            if cfg.mode is Mode.INTERLEAVED and (step + 1) % cfg.sft_every == 0:
                 rec.update(_interleave(model, opt, tok, failed, cfg, rng))
-        rec["time/step_s"] = time.time() - t0
+        rec[schema.STEP_TIME] = time.time() - t0
         log.append(rec)
         if progress:
             progress(step, rec)
@@ -142,6 +113,19 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dic
     last_ckpt = save_checkpoint(model, tok, out, cfg.steps)
     log.close()
     return last_ckpt
+
+
+def check_run_dir(out: str | Path, cfg: TrainConfig) -> None:
+    """Refuse a directory that already holds a run with another config: its config.json is never replaced."""
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        return
+    try:
+        same = json.loads(path.read_text()) == cfg.to_dict()
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        raise UserError(f"{out} already holds a run with another config (its config.json); pass a new --out")
 
 
 def _load(cfg: TrainConfig):
@@ -169,7 +153,7 @@ def sft_step(model, opt, tok, tasks, cfg: TrainConfig, rng: random.Random, lr: f
     if lr is not None:
         for g in opt.param_groups:
             g["lr"] = previous
-    return {"phase": "sft", "loss": float(loss.detach()), "grad_norm": float(gn), "lr": used}
+    return {schema.PHASE: "sft", schema.LOSS: float(loss.detach()), schema.GRAD_NORM: float(gn), schema.LR: used}
 
 
 def _interleave(model, opt, tok, failed: list[world.Task], cfg: TrainConfig, rng: random.Random) -> dict:
@@ -194,30 +178,30 @@ def _rollout_metrics(trajs, tok, spec) -> dict:
     n_turns = 0
     for t in trajs:
         for text in t.episode.turns:
-            v = classify_turn(text, spec)
+            v = classify_turn(text, spec, user_message=t.task.question)
             states[v.state.value] = states.get(v.state.value, 0) + 1
             reasons[v.reason] = reasons.get(v.reason, 0) + 1
             n_turns += 1
     n_turns = max(n_turns, 1)
     rec = {
-        "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std(unbiased=False)),
-        "reward/group_std_mean": float(sum(torch.tensor(g).std(unbiased=False) for g in groups.values()) / len(groups)),
-        "success": sum(t.success for t in trajs) / len(trajs),
+        schema.REWARD_MEAN: float(rewards.mean()), schema.REWARD_STD: float(rewards.std(unbiased=False)),
+        schema.REWARD_GROUP_STD: float(sum(torch.tensor(g).std(unbiased=False) for g in groups.values()) / len(groups)),
+        schema.SUCCESS: sum(t.success for t in trajs) / len(trajs),
         "len/response_mean": sum(sum(t.gen_mask) for t in trajs) / len(trajs),
         "len/turns_mean": sum(len(t.episode.turns) for t in trajs) / len(trajs),
         "tools/calls_mean": sum(t.episode.n_calls for t in trajs) / len(trajs),
         "tools/errors_mean": sum(t.episode.n_errors for t in trajs) / len(trajs),
     }
-    for s in ("healthy_tool_call", "healthy_response", "text_pollution", "full_collapse"):
-        rec[f"fmt/{s}"] = states.get(s, 0) / n_turns
-    rec["format_valid"] = rec["fmt/healthy_tool_call"] + rec["fmt/healthy_response"]
+    for s in FormatState:
+        rec[state_key(s)] = states.get(s.value, 0) / n_turns
+    rec[FORMAT_VALID] = sum(rec[state_key(s)] for s in HEALTHY_STATES)
     for r, n in reasons.items():
-        rec[f"fmt/reason/{r}"] = n / n_turns
+        rec[reason_key(r)] = n / n_turns
     return rec
 
 
 def _rollout_row(t, tok, step: int) -> dict:
-    return {"step": step, "group": t.group, "task_seed": t.task.seed, "reward": t.reward, "success": t.success,
+    return {"step": step, "group": t.group, "task_seed": t.task.seed, "reward": t.reward, schema.SUCCESS: t.success,
             "turns": list(t.episode.turns), "text": tok.decode(t.ids, skip_special_tokens=False)}
 
 

@@ -12,30 +12,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+from collapse_probe.formats.calls import EMPTY, parse_tagged
 from collapse_probe.world.tasks import RESP_CLOSE, RESP_OPEN, TOOL_CLOSE, TOOL_OPEN, Task, render_answer, render_call
-
-_CALL_RE = re.compile(re.escape(TOOL_OPEN) + r"(.*?)" + re.escape(TOOL_CLOSE), re.S)
 
 
 def parse_calls(text: str) -> tuple[list[dict], str | None]:
-    """Parse Hermes tool calls from one assistant turn with `json` only. Returns (calls, error)."""
-    if TOOL_OPEN not in text:
-        return [], None
-    bodies = _CALL_RE.findall(text)
-    if not bodies:
-        return [], "tool call is not closed" if text.strip() != TOOL_OPEN else "empty tool call"
-    calls = []
-    for body in bodies:
-        if not body.strip():
-            return [], "empty tool call"
-        try:
-            obj = json.loads(body)
-        except json.JSONDecodeError:
-            return [], "tool call is not valid JSON"
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not isinstance(obj.get("arguments"), dict):
-            return [], "tool call needs a string 'name' and an object 'arguments'"
-        calls.append(obj)
-    return calls, None
+    """Parse Hermes tool calls from one assistant turn with the shared reader (`formats.calls`, `json` only).
+    Returns (calls, error); the error strings are observations the model sees ("empty tool call", "tool call
+    is not closed", "tool call is not valid JSON", "tool call needs a string 'name' and an object 'arguments'")."""
+    return parse_tagged(text, TOOL_OPEN, TOOL_CLOSE)
 
 
 @dataclass
@@ -64,7 +49,7 @@ class Episode:
             return None
         if error is not None:
             self.n_errors += 1
-            if self.end_on_call_error and error != "empty tool call":
+            if self.end_on_call_error and error != EMPTY:
                 self.done = True  # the environment cannot tell what was meant
                 return None
             results = [{"error": error}]
@@ -97,7 +82,7 @@ def oracle_turns(task: Task, *, empty_call_retries: int = 0) -> list[tuple[str, 
     """
     turns: list[tuple[str, str | None]] = []
     for _ in range(empty_call_retries):
-        turns.append((f"{TOOL_OPEN}\n", f"{RESP_OPEN}\n" + json.dumps({"error": "empty tool call"}) + f"\n{RESP_CLOSE}"))
+        turns.append((f"{TOOL_OPEN}\n", f"{RESP_OPEN}\n" + json.dumps({"error": EMPTY}) + f"\n{RESP_CLOSE}"))
     for name, args, obs in task.oracle_calls():
         turns.append((render_call(name, args), f"{RESP_OPEN}\n{json.dumps(obs)}\n{RESP_CLOSE}"))
     turns.append((render_answer(task.answer), None))

@@ -137,19 +137,35 @@ def make_task(seed: int, kind: str | None = None) -> Task:
     return Task(seed, kind, template.format(name=f'"{subject}"'), chain, subject, users, friend, city, sky)
 
 
-# Every consumer draws its tasks from its own split; a task's seed encodes (split, run seed, index) so that no two
-# splits and no two run seeds ever share a task (asserted for run seeds 0..10,000 in tests/test_world.py).
+# Every consumer draws tasks from its own split. The presets were tuned on the layout of version 0.1 (train tasks
+# of run seed s at s * 1e6, eval at 1e7, probe at 2e7), which run seeds 0-9 keep so that their runs reproduce;
+# run seeds >= 10 used to train on the eval and probe tasks and now train far above every other range.
+# Train, eval, probe and repair are disjoint for every run seed (tests/test_world.py checks seeds 0..10,000).
+# `train_fill` (interleaved SFT filler) and `tokenizer` (BPE corpus) are training data too: they may share tasks
+# with a train split, never with eval, probe or repair.
 SPLITS = ("train", "train_fill", "eval", "probe", "format_probe", "repair", "tokenizer")
-TASKS_PER_RUN_SEED = 10_000_000  # indices a run seed may use within one split
+TASKS_PER_RUN_SEED = 1_000_000  # indices a run seed may use within one split
+_LEGACY_RUN_SEEDS = 10
+_FIXED_BASE = {"eval": 10_000_000, "probe": 20_000_000, "format_probe": 20_000_777, "tokenizer": 5_000_000}
+_REPAIR_BASE, _HIGH_TRAIN_BASE = 30_000_000_000, 100_000_000_000
 
 
 def task_seed(split: str, index: int, run_seed: int = 0) -> int:
-    """The seed of task `index` of `split` for run seed `run_seed` (disjoint across splits and run seeds)."""
+    """The seed of task `index` of `split` for run seed `run_seed` (eval/probe/format_probe/tokenizer are fixed
+    sets that ignore the run seed)."""
     if split not in SPLITS:
         raise ValueError(f"unknown task split {split!r}: use one of {', '.join(SPLITS)}")
-    if not 0 <= index < TASKS_PER_RUN_SEED or run_seed < 0:
+    if index < 0 or run_seed < 0 or (index >= TASKS_PER_RUN_SEED and split != "train_fill"):
         raise ValueError(f"task index {index} / run seed {run_seed} out of range")
-    return (run_seed * TASKS_PER_RUN_SEED + index) * len(SPLITS) + SPLITS.index(split)
+    if split in _FIXED_BASE:
+        return _FIXED_BASE[split] + index
+    if split == "repair":
+        return _REPAIR_BASE + run_seed * TASKS_PER_RUN_SEED + index
+    if split == "train_fill":
+        return 9_000_000 + index  # the 0.1 filler pool (training data)
+    if run_seed < _LEGACY_RUN_SEEDS:
+        return run_seed * TASKS_PER_RUN_SEED + index
+    return _HIGH_TRAIN_BASE + run_seed * TASKS_PER_RUN_SEED + index
 
 
 def task_split(split: str, n: int, offset: int = 0, run_seed: int = 0) -> list[Task]:
