@@ -20,12 +20,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from collapse_probe.watch import EXIT_COLLAPSED
+
 FIELDS = ("collapsed", "collapse_step", "first_alert_step", "confirmed_at")
 
 
 def _run(*args: str) -> dict:
     res = subprocess.run([sys.executable, "-m", "collapse_probe.cli", *args], capture_output=True, text=True)
-    if res.returncode not in (0, 2):
+    if res.returncode not in (0, EXIT_COLLAPSED):
         raise SystemExit(f"{' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
