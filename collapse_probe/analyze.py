@@ -22,13 +22,16 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 from collapse_probe import schema
-from collapse_probe.detect.monitor import replay
+from collapse_probe.detect.monitor import pick_source, replay
 from collapse_probe.errors import UserError
+from collapse_probe.integrations.hf_output import read_hf_output
 from collapse_probe.rundir import Checkpoint, RunDir
+from collapse_probe.runlog import index_file
 from collapse_probe.timeline import Timeline
+from collapse_probe.weights import check_weights
 
 __all__ = ["analyze", "default_cache_dir", "score_checkpoint", "render"]
 
@@ -124,6 +127,10 @@ def _load(ck: Checkpoint):
 
 def score_checkpoint(ck: Checkpoint, *, eval_tasks: int = 32, probe_convs=None, probe_tools=None) -> dict:
     """One flat record: `cp/probe/...` of the probe set, `success` (greedy, tool world) when possible."""
+    try:
+        check_weights(ck.path)  # a cut or lying file is refused in milliseconds, before torch is imported
+    except UserError as exc:
+        raise UserError(f"checkpoint step {ck.step}: {exc}") from None
     import torch
 
     from collapse_probe.capture.probe_set import ProbeSet
@@ -148,9 +155,62 @@ def score_checkpoint(ck: Checkpoint, *, eval_tasks: int = 32, probe_convs=None, 
 
 
 # ---------------------------------------------------------------------------------------------- analysis
-def _final_mix(tl) -> dict:
-    mix = tl.state_mix().dropna(how="all")
-    return {} if mix.empty else {k: float(v) for k, v in mix.iloc[-1].items() if v == v}
+def _number(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v else None
+
+
+class _RunStats:
+    """What `analyze` reports besides the verdict, gathered while the records stream past (none is kept)."""
+
+    def __init__(self) -> None:
+        self.n, self.first_step, self.last_step, self.mix = 0, None, None, {}
+        self.ends: dict[str, list] = {schema.SUCCESS: [None, None, False], schema.REWARD_MEAN: [None, None, False]}
+
+    def watch(self, records: Iterable[dict]) -> Iterator[dict]:
+        for rec in records:
+            self.n += 1
+            self.first_step = rec["step"] if self.first_step is None else self.first_step
+            self.last_step = rec["step"]
+            for key, end in self.ends.items():
+                v = _number(rec.get(key))
+                if v is not None:
+                    end[0] = v if end[0] is None else end[0]
+                    end[1], end[2] = v, end[2] or math.isfinite(v)
+            mix = {s: _number(rec.get(schema.state_key(s))) for s in schema.STATES}
+            mix = {s: v for s, v in mix.items() if v is not None}
+            self.mix = mix or self.mix
+            yield rec
+
+    def success(self) -> tuple:
+        """(first, last) of `success`, or of `reward/mean` when success was never logged (as Timeline.success)."""
+        s, r = self.ends[schema.SUCCESS], self.ends[schema.REWARD_MEAN]
+        first, last, _ = s if s[2] or not r[2] else r
+        return _clean(first), _clean(last)
+
+
+def _analyze_run(f: Path) -> dict:
+    """Stream the run's records through the monitor: memory is bounded by the number of steps, not the file."""
+    index, skipped = index_file(f)
+    if not len(index):
+        raise UserError(f"{f} holds no records (an empty run): wait until the run has logged a step, or "
+                        "pass another run")
+    stats = _RunStats()
+    v = replay(stats.watch(index.records()), source=pick_source(index.keys))
+    first, last = stats.success()
+    out = v.to_dict()
+    out.update({"kind": "run", "path": str(f), "steps": stats.n, "first_step": stats.first_step,
+                "last_step": stats.last_step, "success_first": first, "success_last": last,
+                "final_state_mix": stats.mix, "skipped_lines": skipped.count, "summary": v.summary()})
+    return out
+
+
+def _analyze_hf_output(p: Path, records: list[dict]) -> dict:
+    """An HF/TRL output dir without our callback: the trainer's own metrics and the completions' format mix."""
+    v = replay(records, source=pick_source({k for r in records for k in r}))
+    out = v.to_dict()
+    out.update({"kind": "hf_output", "path": str(p), "steps": len(records), "first_step": records[0][schema.STEP],
+                "last_step": records[-1][schema.STEP], "summary": v.summary()})
+    return out
 
 
 def _clean(v):
@@ -170,16 +230,11 @@ def analyze(path: str | os.PathLike, *, eval_tasks: int = 32, probe: str | os.Pa
     run = RunDir(p)
     ckpts = run.checkpoints() if p.is_dir() else []
     if run.has_metrics() and not (checkpoints and ckpts):
-        tl = Timeline.from_run(p)
-        v = replay(tl.records())
-        out = v.to_dict()
-        succ = tl.success().dropna()
-        out.update({"kind": "run", "path": str(tl.path), "steps": len(tl),
-                    "first_step": int(tl.steps[0]), "last_step": int(tl.steps[-1]),
-                    "success_first": _clean(float(succ.iloc[0])) if len(succ) else None,
-                    "success_last": _clean(float(succ.iloc[-1])) if len(succ) else None,
-                    "final_state_mix": _final_mix(tl), "skipped_lines": tl.skipped_lines, "summary": v.summary()})
-        return out
+        return _analyze_run(run.require_metrics())
+    if p.is_dir() and not checkpoints:
+        hf = read_hf_output(p)  # an HF/TRL output dir written without our callback: the trainer's own metrics
+        if hf:
+            return _analyze_hf_output(p, hf)
     if not ckpts:
         if checkpoints:
             raise UserError(f"no checkpoint-N/ or global_step_N/actor/huggingface/ under {p}: pass a directory "
@@ -246,7 +301,11 @@ _JSON_HEAD = 'p({"|open)'
 def render(result: dict) -> str:
     """A readable summary of `analyze`'s result."""
     lines = []
-    if result["kind"] == "run":
+    if result["kind"] == "hf_output":
+        lines.append(f"HF/TRL output dir {result['path']} (trainer_state.json, TensorBoard events, completions; "
+                     f"no collapse-probe metrics): {result['steps']} steps ({result['first_step']}.."
+                     f"{result['last_step']})")
+    elif result["kind"] == "run":
         lines.append(f"run {result['path']}: {result['steps']} steps ({result['first_step']}..{result['last_step']}), "
                      f"captures: {result['source']}")
         if result.get("skipped_lines"):

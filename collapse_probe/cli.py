@@ -1,12 +1,15 @@
 """`collapse-probe`: the command line. Each subcommand is a thin layer over a library function.
 
-Errors the user can fix print one line and exit 1; `watch` exits 2 once a collapse is confirmed.
-Set COLLAPSE_PROBE_DEBUG=1 to see tracebacks.
+Exit codes, one meaning each across all commands:
+  0  ok
+  1  bad input or failure (one line on stderr: what was wrong and what to do)
+  2  usage error (unknown option, missing argument; one line on stderr)
+  3  collapse confirmed (`watch`, `analyze --fail-on collapse|warning`)
+Every command takes --json: one JSON object on stdout. Set COLLAPSE_PROBE_DEBUG=1 to see tracebacks.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import warnings
@@ -14,32 +17,26 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
-from collapse_probe.errors import UserError
+from typer import Abort
+
+try:  # typer >= 0.29 runs its own copy of click: its usage errors are those classes, not click's
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover - an older typer on the real click
+    from click.exceptions import NoArgsIsHelpError, UsageError
+
+from collapse_probe.cli_output import PhaseBar, ScoreBar, TrainProgress, err, out, print_json
+from collapse_probe.errors import EXIT_COLLAPSED, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UserError
 from collapse_probe.schema import POSITIONS, Position
 
+EXITS = "Exit codes: 0 ok, 1 bad input or failure, 2 usage error, 3 collapse confirmed."
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Find out why tool-use RL runs collapse, warn before they do, show the skill survives.")
-out = Console()
-err = Console(stderr=True)
+                  help="Find out why tool-use RL runs collapse, warn before they do, show the skill survives. "
+                       + EXITS)
+JSON_HELP = "Print one JSON object on stdout."
 
 
-def _print_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, default=_json_default) + "\n")
-    sys.stdout.flush()
-
-
-def _json_default(o):
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-# ----------------------------------------------------------------------------------------------- train
-@app.command()
+@app.command(epilog=EXITS)
 def train(
     preset: str = typer.Option("sft", help="sft | grpo-collapse | grpo-stable | interleaved"),
     seed: int = typer.Option(0, help="Seed for sampling, data order and init."),
@@ -50,55 +47,43 @@ def train(
     lr: Optional[float] = typer.Option(None, help="Override the learning rate."),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
                                    help="Override any TrainConfig field, e.g. --set group_size=4 --set reward.tag_bonus=0"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out (its config, "
+                                                             "metrics, rollouts and checkpoints)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (not supported yet: refused)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Train with a preset: SFT from scratch, or GRPO / interleaved SFT+RL from the SFT model."""
     from collapse_probe.train.config import Mode, apply_overrides
     from collapse_probe.train.presets import get_preset, sft_checkpoint
-    from collapse_probe.train.trainer import check_run_dir, train as run_train
+    from collapse_probe.train.run_files import check_run_dir
 
+    if resume:
+        raise UserError("--resume is not supported yet (the optimizer state is not saved): pass --overwrite to "
+                        "start the run again, or a new --out")
     cfg = apply_overrides(get_preset(preset, seed=seed, steps=steps, lr=lr), set_)
+    check_run_dir(out_dir, cfg, overwrite=overwrite)  # before the sft stage and any bar: a refusal is one line
     start = model or init
     if start is None and cfg.mode is not Mode.SFT:
         err.print(f"[dim]{preset} starts from the sft model (cached after the first run)[/dim]")
-        with _progress("sft (first use, cached)", get_preset("sft").steps) as bar:
+        with TrainProgress("sft (first use, cached)", get_preset("sft").steps) as bar:
             start = str(sft_checkpoint(progress=bar))
     cfg.init = start
-    check_run_dir(out_dir, cfg)  # before the progress bar, so a refusal is one line
-    with _progress(f"{preset} seed {seed}", cfg.steps) as bar:
-        last = run_train(cfg, out_dir, progress=bar)
-    err.print(f"wrote {out_dir} (last checkpoint {last.name})")
+    check_run_dir(out_dir, cfg, overwrite=overwrite)
+    from collapse_probe.train.trainer import train as run_train  # torch: only once the arguments are good
 
-
-class _progress:
-    """A rich progress bar fed by the trainer's per-step callback."""
-
-    def __init__(self, label: str, total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-        self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=err, transient=False)
-        self.label, self.total = label, total
-
-    def __enter__(self):
-        self.p.start()
-        self.task = self.p.add_task(self.label, total=self.total, info="")
-        return self
-
-    def __call__(self, step: int, rec: dict) -> None:
-        info = []
-        for key, name in (("success", "succ"), ("loss", "loss"), ("cp/rollout/after_open/end_of_turn", "p(eot|open)")):
-            if isinstance(rec.get(key), float):
-                info.append(f"{name} {rec[key]:.3f}")
-        self.p.update(self.task, completed=step + 1, info="  ".join(info))
-
-    def __exit__(self, *exc):
-        self.p.stop()
+    with TrainProgress(f"{preset} seed {seed}", cfg.steps) as bar:
+        last = run_train(cfg, out_dir, progress=bar, overwrite=overwrite)
+    if as_json:
+        print_json({"run_dir": str(out_dir), "last_checkpoint": str(last), "steps": cfg.steps, "preset": preset})
+    else:
+        err.print(f"wrote {out_dir} (last checkpoint {last.name})", highlight=False)
 
 
 # ----------------------------------------------------------------------------------------------- formats
-@app.command()
+@app.command(epilog=EXITS)
 def formats(
     path: Path = typer.Argument(..., help="JSONL of turns, our rollouts/, TRL completions/*.parquet or verl rollout dumps."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     syntax: str = typer.Option("hermes", "--format", help="Tool-call syntax: hermes (alias canonical), "
                                "renamed_tags, json, python_list, xml, markdown, llama3, mistral."),
     known_tools: Optional[str] = typer.Option(None, help="Comma-separated tool names; others count as unknown_tool."),
@@ -108,54 +93,63 @@ def formats(
     from collapse_probe.formats.registry import get_syntax
     from collapse_probe.detect.rollout_files import load_turns, render_summary, summarise_turns
 
+    if step_bins is not None and step_bins < 1:
+        raise UserError(f"--step-bins {step_bins} must be 1 or more (the number of step ranges)")
     tools = frozenset(t.strip() for t in known_tools.split(",") if t.strip()) if known_tools else None
     spec = get_syntax(syntax).spec(tools)  # UserError naming every format for an unknown one
     turns = load_turns(path, spec)
     summary = summarise_turns(turns, spec, step_bins=step_bins)
     if as_json:
-        _print_json(summary)
+        print_json(summary)
     else:
         out.print(render_summary(summary))
 
 
 # ----------------------------------------------------------------------------------------------- tokens
-@app.command()
+@app.command(epilog=EXITS)
 def tokens(
-    model: str = typer.Argument(..., help="A local model/tokenizer directory (or hub name if cached)."),
+    model: str = typer.Argument(..., help="A local model/tokenizer directory (or a hub name already in the local "
+                                          "cache; nothing is downloaded)."),
     token: list[str] = typer.Option([], "--token", help="Override a role: ROLE=STRING (repeatable)."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Show which control tokens collapse-probe tracks for a tokenizer, and which it could not resolve."""
-    from transformers import AutoTokenizer
+    from collapse_probe.weights import require_local_tokenizer
 
+    require_local_tokenizer(model)  # in milliseconds, before transformers is imported
     from collapse_probe.tokens import parse_token_overrides, resolve_control_tokens
+    from collapse_probe.train.tiny import load_tokenizer
 
     overrides = parse_token_overrides(token)
-    try:
-        tok = AutoTokenizer.from_pretrained(model)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{model}: could not load a tokenizer ({str(exc).splitlines()[0]}); pass a directory "
-                        "holding tokenizer files") from None
+    tok = load_tokenizer(model)  # local files only: never the network
     ct = resolve_control_tokens(tok, overrides)
-    _print_json(ct.to_dict()) if as_json else out.print(ct.report())
+    print_json(ct.to_dict()) if as_json else out.print(ct.report())
 
 
 # ----------------------------------------------------------------------------------------------- export
-@app.command()
-def export(run_dir: Path = typer.Argument(...), out_path: Path = typer.Argument(..., help="OUT.parquet or OUT.csv")) -> None:
+@app.command(epilog=EXITS)
+def export(run_dir: Path = typer.Argument(..., help="Run dir or metrics JSONL."),
+           out_path: Path = typer.Argument(..., help="OUT.parquet or OUT.csv"),
+           as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """Export a run's metrics to Parquet or CSV for pandas users."""
     from collapse_probe.timeline import Timeline
 
-    err.print(f"wrote {Timeline.from_run(run_dir).export(out_path)}")
+    tl = Timeline.from_run(run_dir)
+    path = tl.export(out_path)
+    if as_json:
+        print_json({"path": str(path), "steps": len(tl), "keys": len(tl.keys())})
+    else:
+        err.print(f"wrote {_show(path)}", highlight=False)
 
 
 # ----------------------------------------------------------------------------------------------- watch
-@app.command()
+@app.command(epilog=EXITS)
 def watch(
     run_dir: Path = typer.Argument(..., help="Run dir, HF output dir (collapse_probe/metrics.jsonl) or a metrics "
                                              "JSONL file (ours or verl's file logger)."),
     as_json: bool = typer.Option(False, "--json",
-                                 help="Print one status object per line (flushed) instead of the live view."),
+                                 help="Print one status object per line (flushed) instead of the live view "
+                                      "(with --once: one JSON object)."),
     once: bool = typer.Option(False, "--once", help="Read what is there now, print the last status and exit."),
     idle_timeout: Optional[float] = typer.Option(None, "--idle-timeout", metavar="SECONDS",
                                                  help="Stop when no record arrived for this long "
@@ -168,24 +162,22 @@ def watch(
     source: str = typer.Option("auto", help="Captures to monitor: auto | rollout | probe."),
     position: str = typer.Option(Position.AFTER_OPEN.value, help=f"Decision position to monitor: {', '.join(POSITIONS)}."),
 ) -> None:
-    """Follow a live run and alert as it happens; exit 2 once a collapse is confirmed, else 0.
+    """Follow a live run and alert as it happens; exit 3 once a collapse is confirmed, else 0.
 
     Live view: each control role's probability with a sparkline, state mix, success, alerts. Read-only."""
     from collapse_probe.watch import watch as do_watch
 
-    if poll <= 0:
-        raise UserError(f"--poll {poll} must be positive: pass a poll interval in seconds, e.g. 0.2")
     code = do_watch(run_dir, once=once, as_json=as_json, idle_timeout=idle_timeout, on_alert=on_alert,
                     poll_s=poll, source=source, position=position, console=err)
     raise typer.Exit(code)
 
 
 # ----------------------------------------------------------------------------------------------- analyze
-@app.command()
+@app.command(epilog=EXITS)
 def analyze(
     path: Path = typer.Argument(..., help="Run dir / metrics JSONL, or a directory of checkpoints "
                                           "(checkpoint-N/, verl global_step_N/actor/huggingface/)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     eval_tasks: int = typer.Option(32, "--eval-tasks", "-n", help="Greedy tool-world tasks per checkpoint (0: skip)."),
     probe: Optional[Path] = typer.Option(None, "--probe", metavar="FILE.jsonl",
                                          help="Chat conversations to probe with (tokenizers without the "
@@ -195,77 +187,72 @@ def analyze(
                                               "$COLLAPSE_PROBE_CACHE/analyze/<path hash>/, "
                                               "COLLAPSE_PROBE_CACHE defaulting to ~/.cache/collapse-probe)."),
     checkpoints: bool = typer.Option(False, "--checkpoints", help="Score the checkpoints even when metrics exist."),
+    fail_on: Optional[str] = typer.Option(None, "--fail-on", metavar="collapse|warning",
+                                          help="Exit 3 when the run collapsed (collapse), or collapsed or raised a "
+                                               "control-token/format warning (warning): gate a pipeline on it."),
 ) -> None:
     """Did the run collapse, when did the warning signs appear, and how early? From metrics or checkpoints."""
     from collapse_probe.analyze import analyze as do_analyze, render
 
-    bar = _ScoreBar()
+    if fail_on not in (None, "collapse", "warning"):
+        raise UserError(f"unknown --fail-on {fail_on!r}: use collapse or warning")
+    bar = ScoreBar()
     try:
         result = do_analyze(path, eval_tasks=eval_tasks, probe=probe, cache=cache, checkpoints=checkpoints,
                             progress=bar)
     finally:
         bar.close()
     if as_json:
-        _print_json({k: v for k, v in result.items() if k != "summary"})
+        print_json({k: v for k, v in result.items() if k != "summary"})
     else:
         out.print(render(result), highlight=False, soft_wrap=True)
-
-
-class _ScoreBar:
-    """A rich progress bar on stderr for checkpoint scoring, started at the first checkpoint."""
-
-    def __init__(self):
-        self.p = None
-
-    def __call__(self, done: int, total: int, label: str) -> None:
-        if self.p is None:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-            self.p = Progress(TextColumn("scoring checkpoints"), BarColumn(), MofNCompleteColumn(),
-                              TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=err, transient=True,
-                              disable=not err.is_terminal)
-            self.p.start()
-            self.task = self.p.add_task("score", total=total, info="")
-        self.p.update(self.task, completed=done, info=label)
-
-    def close(self) -> None:
-        if self.p is not None:
-            self.p.stop()
-            self.p = None
+    flagged = result["collapsed"] or (fail_on == "warning" and result.get("first_alert_step") is not None)
+    if fail_on and flagged:
+        raise typer.Exit(EXIT_COLLAPSED)
 
 
 # ----------------------------------------------------------------------------------------------- plot
-@app.command()
+@app.command(epilog=EXITS)
 def plot(
     run_dir: Path = typer.Argument(..., help="Run dir or metrics JSONL."),
     out_stem: Optional[Path] = typer.Option(None, "--out", metavar="STEM",
                                             help="Output stem (default reports/<run name>/timeline)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Draw the run's timeline (control-token probabilities, state mix, outcome, onsets) as PDF, SVG and PNG."""
     from collapse_probe.report import plot_run
 
-    paths, _ = plot_run(run_dir, out_stem)
+    paths, verdict = plot_run(run_dir, out_stem)
+    if as_json:
+        print_json({"figures": [_show(p) for p in paths], "collapsed": bool(verdict.collapsed)})
+        return
     for p in paths:
-        out.print(str(p), highlight=False, soft_wrap=True)
+        out.print(_show(p), highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------------------------- report
-@app.command()
+@app.command(epilog=EXITS)
 def report(
     run_dir: Path = typer.Argument(..., help="Run dir or metrics JSONL."),
     out_dir: Optional[Path] = typer.Option(None, "--out", metavar="DIR",
                                            help="Output directory (default reports/<run name>/)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Write a short Markdown report: figure, verdict with the baselines, final state mix, reason codes, config."""
     from collapse_probe.report import write_report
 
-    out.print(str(write_report(run_dir, out_dir)), highlight=False, soft_wrap=True)
+    path = write_report(run_dir, out_dir)
+    if as_json:
+        print_json({"report": _show(path)})
+    else:
+        out.print(_show(path), highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------------------------- recover
-@app.command()
+@app.command(epilog=EXITS)
 def recover(
     ckpt: Path = typer.Argument(..., help="A checkpoint directory (HF save_pretrained layout, safetensors)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     formats: Optional[str] = typer.Option(None, "--formats", metavar="A,B",
                                           help="Comma-separated formats to try (default: all but llama3, "
                                                "mistral): hermes (alias canonical), renamed_tags, json, "
@@ -280,57 +267,34 @@ def recover(
     """Does the tool skill survive the collapse? Format grid, masked decoding, SFT repair vs a fresh model."""
     from collapse_probe.recover import render_recovery_table, run_recovery
 
-    bar = _PhaseBar()  # run_recovery checks its arguments before it loads anything
+    bar = PhaseBar()  # run_recovery checks its arguments before it loads anything
     try:
         result = run_recovery(ckpt, formats=formats, n=n, repair_steps=repair_steps, fresh_max_steps=fresh_max_steps,
                               skip_repair=skip_repair, progress=bar)
     finally:
         bar.close()
     if as_json:
-        _print_json(result)
+        print_json(result)
     else:
         out.print(render_recovery_table(result), highlight=False, soft_wrap=True)
 
 
-class _PhaseBar:
-    """A rich progress bar on stderr with one line per phase (formats, masked, repair, fresh)."""
-
-    def __init__(self):
-        self.p = None
-        self.tasks: dict[str, int] = {}
-
-    def __call__(self, phase: str, done: int, total: int) -> None:
-        if self.p is None:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-            self.p = Progress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
-                              TimeElapsedColumn(), console=err, transient=False, disable=not err.is_terminal)
-            self.p.start()
-        if phase not in self.tasks:
-            self.tasks[phase] = self.p.add_task(phase, total=max(total, 1))
-        self.p.update(self.tasks[phase], completed=done, total=max(total, 1))
-
-    def close(self) -> None:
-        if self.p is not None:
-            self.p.stop()
-            self.p = None
-
-
 # ----------------------------------------------------------------------------------------------- demo
-@app.command()
+@app.command(epilog=EXITS)
 def demo(
     out_dir: Path = typer.Option(Path("reports/demo"), "--out", help="Where the report, figures and JSON go."),
     work_dir: Path = typer.Option(Path("runs/demo"), "--work", help="Where the training run is written."),
     seed: int = typer.Option(0),
     fast: bool = typer.Option(False, "--fast", help="Tiny budgets everywhere (for tests): no real collapse."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """SFT -> GRPO collapse with capture on -> live detection -> recovery -> report, on the embedded default."""
     from collapse_probe.demo import run_demo
 
-    bar = _PhaseBar()
+    bar = PhaseBar()
     try:
         res = run_demo(out_dir, work_dir=work_dir, seed=seed, fast=fast, say=lambda m: err.print(m, highlight=False),
-                       progress_factory=_progress, phase_progress=bar)
+                       progress_factory=TrainProgress, phase_progress=bar)
     finally:
         bar.close()
     v = res.verdict
@@ -340,7 +304,7 @@ def demo(
     if res.recovery:
         summary["recovery"] = {k: res.recovery.get(k) for k in ("canonical", "masked", "repair", "findings")}
     if as_json:
-        _print_json(summary)
+        print_json(summary)
         return
     out.print(f"[bold]demo finished in {res.seconds / 60:.1f} min[/bold]")
     out.print(f"collapsed: {v['collapsed']}  spike step: {v['spike_step']}  breakage step: {v['breakage_step']}  "
@@ -351,25 +315,57 @@ def demo(
     out.print(f"report: {res.report}", highlight=False)
 
 
+def _show(p: Path) -> str:
+    """A path as text that any terminal encoding can print (a non-UTF-8 name keeps its bytes escaped)."""
+    return os.fsdecode(p).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _fail(msg: str, code: int) -> None:
+    err.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True, markup=True)
+    sys.exit(code)
+
+
 def main() -> None:
-    """Console entry point: one clear line for user errors, no tracebacks."""
+    """Console entry point: one line on stderr for every error, no tracebacks (see the exit codes above)."""
     debug = bool(os.environ.get("COLLAPSE_PROBE_DEBUG"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded: a hub name not cached fails at once
     if not debug:
         warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.showwarning = _warning_line
     try:
-        app()
+        code = app(prog_name="collapse-probe", standalone_mode=False)
+    except NoArgsIsHelpError as exc:  # bare `collapse-probe CMD`: its help, as a usage error
+        exc.show()
+        sys.exit(EXIT_USAGE)
+    except UsageError as exc:
+        cmd = exc.ctx.command_path if exc.ctx is not None else "collapse-probe"
+        _fail(f"{_escape(exc.format_message())} (see '{cmd} --help')", EXIT_USAGE)
+    except Abort:
+        err.print("interrupted")
+        sys.exit(130)
     except UserError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        _fail(_escape(str(exc)), EXIT_FAILURE)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - never a traceback: one line, exit 1
         if debug:
             raise
-        err.print(f"[red]error:[/red] {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-                  "(set COLLAPSE_PROBE_DEBUG=1 for a traceback)", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        _fail(f"{type(exc).__name__}: {_escape(first)} (set COLLAPSE_PROBE_DEBUG=1 for a traceback)", EXIT_FAILURE)
+    sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning (a skipped line, a fallback) as one line on stderr, without the source line under it."""
+    err.print(f"[yellow]warning:[/yellow] {_escape(str(message))}", highlight=False, soft_wrap=True)
+
+
+def _escape(text: str) -> str:
+    """Rich markup off for user text (a path like [x] stays as written); one line; printable in any encoding."""
+    from rich.markup import escape
+
+    return escape(" ".join(text.split("\n"))).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Callable
 
+from collapse_probe.errors import UserError
 from collapse_probe.detect.monitor import CollapseMonitor
 from collapse_probe.rundir import RunDir
 from collapse_probe.train.presets import get_preset, sft_checkpoint
@@ -35,6 +37,12 @@ def run_demo(out_dir: str | Path = "reports/demo", *, work_dir: str | Path = "ru
              skip_recovery: bool = False) -> DemoResult:
     t0 = time.time()
     out_dir, work_dir = Path(out_dir), Path(work_dir)
+    for flag, d in (("--out", out_dir), ("--work", work_dir)):  # before any work: the SFT stage takes minutes
+        if d.exists() and not d.is_dir():
+            raise UserError(f"{flag} {d} is a file: pass a directory")
+        parent = next((q for q in (d, *d.parents) if q.exists()), Path("."))
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise UserError(f"{flag} {d}: {parent} is not a writable directory: pass a writable place")
     out_dir.mkdir(parents=True, exist_ok=True)
     bar = progress_factory or (lambda label, total: _NullBar())
 

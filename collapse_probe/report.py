@@ -18,15 +18,21 @@ from collapse_probe.errors import UserError
 from collapse_probe.rundir import RunDir
 from collapse_probe.timeline import Timeline
 
-__all__ = ["write_report", "run_name", "default_report_dir", "plot_run"]
+__all__ = ["write_report", "run_name", "printable", "default_report_dir", "plot_run"]
 
 _BASELINE_LABELS = {"entropy_drop": "entropy drop", "reward_var_collapse": "in-group reward variance collapse",
                     "grad_norm_spike": "grad-norm spike", "validity_drop": "format validity drop"}
 
 
 def run_name(path: str | os.PathLike) -> str:
-    """The run's name: its run dir's (the HF output dir above collapse_probe/ for a callback's files)."""
-    return RunDir(path).name
+    """The run's name: its run dir's (the HF output dir above collapse_probe/ for a callback's files), as
+    printable text (bytes of a non-UTF-8 name are escaped, so figures and Markdown can hold it)."""
+    return printable(RunDir(path).name)
+
+
+def printable(text: str | os.PathLike) -> str:
+    """Text any encoder accepts: undecodable file-name bytes (surrogates) become backslash escapes."""
+    return os.fsdecode(text).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def default_report_dir(path: str | os.PathLike) -> Path:
@@ -140,7 +146,7 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
     """Write `out_dir/report.md` (default reports/<run name>/) with the timeline figure next to it; returns
     the report's path. `extra_sections` are (title, markdown body) pairs appended in order."""
     tl = Timeline.from_run(run_dir)
-    f = tl.path
+    f = printable(tl.path)
     out = Path(out_dir) if out_dir is not None else default_report_dir(run_dir)
     paths, verdict = plot_run(run_dir, out / "timeline", verdict=verdict)
     name = run_name(run_dir)

@@ -4,26 +4,30 @@ Writing: each record is one JSON line written by one os.write on an O_APPEND des
 most the line it was writing; reopening an existing log appends (a restarted run never truncates its history).
 Only rank 0 writes (rank= argument, else env RANK); on other ranks writers are no-ops and create no files.
 Float NaN/inf are stored as the strings "NaN", "Infinity", "-Infinity" (strict JSON) and decoded back on read.
-Reading: steps are sorted and de-duplicated (the last occurrence in the file wins), a torn or garbled line is skipped
-with a warning, and verl file-logger lines {"step": N, "data": {...}} are flattened.
+Reading (bounded memory, never the whole file at once): lines are parsed by `lines.parse_line` (bounded depth and
+size; verl lines flattened), an unreadable line is skipped and counted in one warning, and steps follow
+`history.StepHistory` / `StepIndex`.
 """
 from __future__ import annotations
 
-import hashlib
+import fcntl
 import json
 import math
 import os
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from collapse_probe.errors import UserError
+from collapse_probe.history import StepHistory, StepIndex
+from collapse_probe.lines import CHUNK, MAX_LINE_BYTES, Skipped, iter_lines, parse_line
 from collapse_probe.rundir import RunDir
 
+__all__ = ["lock_run_dir", "unlock_run_dir", "RunLog", "RolloutLog", "StepHistory", "StepIndex", "index_file", "iter_records", "read_records",
+           "read_rollouts", "rollout_steps", "tail_records"]
+
 _HINT = "pass a run directory written by collapse-probe or a JSONL metrics file"
-_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _TEXT_KEYS = frozenset({"text", "turns"})  # rollout text is kept verbatim, even if it reads "NaN"
 
 
@@ -39,16 +43,6 @@ def _encode(v: Any, key: str) -> Any:
     if hasattr(v, "tolist"):  # numpy scalars/arrays, torch tensors (0-d -> a Python number)
         return _encode(v.tolist(), key)
     raise TypeError(f"run log value for {key!r} has unsupported type {type(v).__name__}: log a number or a string")
-
-
-def _decode(v: Any) -> Any:
-    if isinstance(v, str):
-        return _NONFINITE.get(v, v)
-    if isinstance(v, list):
-        return [_decode(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _decode(x) for k, x in v.items()}
-    return v
 
 
 def _record_line(record: dict, stamp: bool = True) -> bytes:
@@ -112,14 +106,71 @@ class _Appender:
     __del__ = close  # a log that is never closed (a crash, a forgotten close) does not leak its descriptor
 
 
+_HELD: dict[str, list] = {}  # lock file -> [fd, holders]: writers of one process share its lock
+
+
+def lock_run_dir(d: Path) -> str:
+    """Hold RUN_DIR/.lock (flock, released by the kernel when the process dies, even by SIGKILL) so a second
+    writer process is refused instead of interleaving two runs in one log."""
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write {d}: {e.strerror}: pass a writable run directory") from None
+    key = os.path.realpath(d / ".lock")
+    if key in _HELD:
+        _HELD[key][1] += 1
+        return key
+    while True:
+        try:
+            fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot write {key}: {e.strerror}: pass a writable run directory") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(f"{d} is being written by another process (pid {holder} holds its .lock): stop that "
+                            "run or pass another run directory") from None
+        try:  # the holder before us may have removed the file after we opened it: lock the one on disk
+            if os.stat(key).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD[key] = [fd, 1]
+    return key
+
+
+def unlock_run_dir(key: str) -> None:
+    held = _HELD.get(key)
+    if held is not None:
+        held[1] -= 1
+        if held[1] <= 0:
+            del _HELD[key]
+            try:  # a clean close leaves the run dir as the run wrote it; a killed writer leaves a stale, unlocked file
+                os.unlink(key)
+            except OSError:
+                pass
+            os.close(held[0])  # closing the descriptor releases the flock
+
+
 class RunLog:
-    """Append-only metrics log. `append` on a rank other than 0 is a no-op (no file is created there)."""
+    """Append-only metrics log. `append` on a rank other than 0 is a no-op (no file is created there).
+    Rank 0 holds RUN_DIR/.lock while open: a second process writing the same run is refused with a UserError."""
 
     def __init__(self, run_dir: str | os.PathLike, filename: str = "metrics.jsonl", *, rank: int | None = None,
                  fsync: bool = False):
         self.path = Path(run_dir) / filename
         self.rank = _resolve_rank(rank)
-        self._out = _Appender(self.path, fsync) if self.rank == 0 else None
+        self._lock = lock_run_dir(self.path.parent) if self.rank == 0 else None  # before any file is created
+        try:
+            self._out = _Appender(self.path, fsync) if self.rank == 0 else None
+        except UserError:
+            unlock_run_dir(self._lock) if self._lock else None
+            raise
         self._closed = False
 
     def append(self, record: dict) -> None:
@@ -133,6 +184,9 @@ class RunLog:
         self._closed = True
         if self._out is not None:
             self._out.close()
+        if self._lock is not None:
+            unlock_run_dir(self._lock)
+            self._lock = None
 
     def __enter__(self) -> "RunLog":
         return self
@@ -141,103 +195,38 @@ class RunLog:
         self.close()
 
 
-def _parse(raw: bytes, keep: frozenset = frozenset()) -> tuple[dict | None, str]:
+def index_file(f: Path, *, warn: bool = True, keep: frozenset = frozenset()) -> tuple[StepIndex, Skipped]:
+    """Read `f` once, line by line (bounded memory), into a StepIndex; unreadable lines are counted and, with
+    `warn`, reported in one warning. A file with unreadable lines only is a UserError."""
+    index, skipped = StepIndex(f, keep), Skipped(f)
     try:
-        obj = json.loads(raw)
-    except ValueError:
-        return None, "is not a JSON object (torn or garbled line)"
-    if not isinstance(obj, dict):
-        return None, "is not a JSON object"
-    if set(obj) == {"step", "data"} and isinstance(obj["data"], dict):  # verl file logger
-        obj = {"step": obj["step"], **{k: v for k, v in obj["data"].items() if k != "step"}}
-    step = obj.get("step")
-    if isinstance(step, float) and step.is_integer():
-        step = int(step)
-    if not isinstance(step, int) or isinstance(step, bool):
-        return None, 'has no integer "step"'
-    rec = {"step": step}
-    rec.update((k, v if k in keep else _decode(v)) for k, v in obj.items() if k != "step")
-    return rec, ""
-
-
-def _read_lines(f: Path, warn: bool, keep: frozenset = frozenset()) -> list[dict]:
-    good, first_bad = [], None
-    for n, raw in enumerate(f.read_bytes().split(b"\n"), 1):
-        if not raw.strip():
-            continue
-        rec, why = _parse(raw, keep)
-        if rec is None:
-            first_bad = first_bad or (n, why)
-            if warn:
-                warnings.warn(f"skipped line {n} of {f}: it {why}", stacklevel=3)
-        else:
-            good.append(rec)
-    if first_bad and not good:
-        raise UserError(f"{f} is not JSONL: line {first_bad[0]} {first_bad[1]}: {_HINT}")
-    return good
-
-
-class StepHistory:
-    """One record per step from records in file order, the way a restarted run means them.
-
-    `add(record)` says what a record is and updates `records` accordingly:
-    * "new": a step after the last one;
-    * "duplicate": the same line again, or an older line read again (its `time` is not later than the newest
-      record seen): ignored;
-    * "merged": more keys for the last step (e.g. eval metrics logged after the train metrics);
-    * "restart": an earlier step with new content (resumed from a checkpoint, or a truncated log): the records
-      from that step on are dropped and this one is kept.
-    `read_records` and `watch` both use it, so they agree on what a file holds.
-    """
-
-    def __init__(self) -> None:
-        self.records: dict[int, dict] = {}
-        self._fingerprints: dict[int, str] = {}
-        self.last_step: int | None = None
-        self.max_time: float | None = None
-        self.restarts = 0
-
-    def add(self, rec: dict) -> str:
-        step = rec["step"]
-        fp = _fingerprint(rec)
-        t = rec.get("time")
-        t = float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) else None
-        kind = "new"
-        if self.last_step is not None and step <= self.last_step:
-            if self._fingerprints.get(step) == fp or (t is not None and self.max_time is not None
-                                                       and t <= self.max_time):
-                return "duplicate"
-            if step == self.last_step and step in self.records:
-                rec, kind = {**self.records[step], **rec}, "merged"
+        for n, off, raw in iter_lines(f):
+            rec, why = parse_line(raw, keep) if raw is not None else (None, "is too long")
+            if rec is None:
+                skipped.add(n, why)
             else:
-                kind = "restart"
-                self.restarts += 1
-                for s in [s for s in self.records if s >= step]:
-                    del self.records[s]
-                    self._fingerprints.pop(s, None)
-        self.records[step] = rec
-        self._fingerprints[step] = fp
-        self.last_step = step
-        if t is not None:
-            self.max_time = t if self.max_time is None else max(self.max_time, t)
-        return kind
-
-    def sorted_records(self) -> list[dict]:
-        return [self.records[s] for s in sorted(self.records)]
-
-
-def _fingerprint(rec: dict) -> str:
-    raw = json.dumps(rec, sort_keys=True, default=str, allow_nan=True)
-    return hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()
+                index.add(rec, raw, off)
+    except OSError as e:
+        raise UserError(f"cannot read {f}: {e.strerror}: check the path and its permissions") from None
+    if skipped.count and not len(index) and index.last_step is None:
+        n, why = skipped.first
+        raise UserError(f"{f} is not JSONL: line {n} {why}: {_HINT}")
+    if warn:
+        skipped.flush()
+    return index, skipped
 
 
 def read_records(path: str | os.PathLike, *, warn: bool = True) -> list[dict]:
     """All records of a run (a run dir, an HF output dir or a metrics file), one per step, sorted by step
     (see `StepHistory` for restarted runs and repeated steps)."""
-    hist = StepHistory()
-    for rec in _read_lines(RunDir(path).require_metrics(), warn):
-        hist.add(rec)
-    return hist.sorted_records()
+    return list(iter_records(path, warn=warn))
+
+
+def iter_records(path: str | os.PathLike, *, warn: bool = True) -> Iterator[dict]:
+    """`read_records` one record at a time: memory is bounded by the number of steps (24 bytes each), not by
+    the file's size."""
+    index, _ = index_file(RunDir(path).require_metrics(), warn=warn)
+    return index.records()
 
 
 def _open_new(cands: list[Path], ident: tuple | None) -> tuple[int, tuple, Path, int] | None:
@@ -255,14 +244,29 @@ def _open_new(cands: list[Path], ident: tuple | None) -> tuple[int, tuple, Path,
     return None
 
 
+def _last_newline_end(fd: int, size: int) -> int:
+    """The offset just after the last newline in the first `size` bytes, scanning back CHUNK bytes at a time."""
+    end = size
+    while end > 0:
+        start = max(0, end - CHUNK)
+        i = os.pread(fd, end - start, start).rfind(b"\n")
+        if i >= 0:
+            return start + i + 1
+        end = start
+    return 0
+
+
 def tail_records(path: str | os.PathLike, *, poll_s: float = 0.2, from_start: bool = True,
-                 stop: Callable[[], bool] | None = None, idle_timeout_s: float | None = None) -> Iterator[dict]:
+                 stop: Callable[[], bool] | None = None, idle_timeout_s: float | None = None,
+                 warn_every_s: float = 5.0) -> Iterator[dict]:
     """Follow a growing metrics file like `tail -F`, yielding each record once its line is complete (in file order,
     not de-duplicated). Waits for the file to appear; starts again from the top when it is truncated or replaced.
-    Ends when `stop()` is true or no record arrived for `idle_timeout_s` seconds."""
+    Ends when `stop()` is true or no record arrived for `idle_timeout_s` seconds. Reads CHUNK bytes at a time;
+    unreadable lines are counted and reported at most once every `warn_every_s` seconds and when it ends."""
     p = Path(path)
     cands = RunDir(p).metrics_candidates()
-    fd, ident, name, pos, buf, head, first = None, None, p, 0, b"", b"", True
+    fd, ident, name, pos, buf, head, first, drop = None, None, p, 0, b"", b"", True, False
+    skipped = Skipped(p, every_s=warn_every_s)
     last = time.monotonic()
     try:
         while True:
@@ -271,33 +275,40 @@ def tail_records(path: str | os.PathLike, *, poll_s: float = 0.2, from_start: bo
                 if fd is not None:
                     os.close(fd)
                 fd, ident, name, size = opened
-                buf, head = b"", b""
+                buf, head, drop = b"", b"", False
+                skipped.name = name
                 # from_start=False: skip the complete lines already there (only in the file found first)
-                pos = 0 if from_start or not first else os.pread(fd, size, 0).rfind(b"\n") + 1
+                pos = 0 if from_start or not first else _last_newline_end(fd, size)
                 first = False
-            if fd is not None:
+            more = fd is not None
+            while more:
                 # truncated, or rewritten in place (its first bytes changed): start again from the top
                 size = os.fstat(fd).st_size
                 if size < pos or (head and os.pread(fd, len(head), 0) != head):
-                    pos, buf, head = 0, b"", b""
-                if size > pos:
-                    chunk = os.pread(fd, size - pos, pos)
-                    pos, buf = pos + len(chunk), buf + chunk
+                    pos, buf, head, drop = 0, b"", b"", False
+                chunk = os.pread(fd, min(size - pos, CHUNK), pos) if size > pos else b""
+                pos, buf = pos + len(chunk), buf + chunk
+                more = size > pos
                 if len(head) < 256 and pos > len(head):
                     head = os.pread(fd, min(pos, 256), 0)
                 *lines, buf = buf.split(b"\n")
+                if drop and lines:  # the rest of an over-long line
+                    lines, drop = lines[1:], False
+                if len(buf) > MAX_LINE_BYTES:
+                    buf, drop = b"", True
+                    skipped.add(None, "is too long")
                 for raw in lines:
                     if not raw.strip():
                         continue
-                    rec, why = _parse(raw)
+                    rec, why = parse_line(raw)
                     if rec is None:
-                        warnings.warn(f"skipped a line of {name}: it {why}", stacklevel=2)
+                        skipped.add(None, why)
                         continue
                     last = time.monotonic()
                     yield rec
-            if stop is not None and stop():
-                return
-            if idle_timeout_s is not None and time.monotonic() - last > idle_timeout_s:
+            if (stop is not None and stop()) or (idle_timeout_s is not None
+                                                 and time.monotonic() - last > idle_timeout_s):
+                skipped.flush()
                 return
             time.sleep(poll_s)
     finally:
@@ -335,7 +346,8 @@ def rollout_steps(run_dir: str | os.PathLike) -> list[int]:
 
 def read_rollouts(run_dir: str | os.PathLike, steps: Iterable[int] | None = None, *, warn: bool = True) -> list[dict]:
     """Rollout rows of the given steps (all if None; steps without a file are skipped), ordered by step.
-    A row re-written for the same (group, sample) of a step (a restarted run) replaces the earlier one."""
+    A row re-written for the same (group, sample) of a step (a restarted run) replaces the earlier one.
+    Files are read line by line; unreadable lines are skipped with one warning per file."""
     d = RunDir(run_dir).require_rollouts()
     rows: list[dict] = []
     for s in rollout_steps(d) if steps is None else sorted({int(s) for s in steps}):
@@ -343,9 +355,18 @@ def read_rollouts(run_dir: str | os.PathLike, steps: Iterable[int] | None = None
         if not f.is_file():
             continue
         keyed: dict[Any, dict] = {}
-        for i, r in enumerate(_read_lines(f, warn, _TEXT_KEYS)):
+        skipped = Skipped(f)
+        for i, off, raw in iter_lines(f):
+            r, why = parse_line(raw, _TEXT_KEYS) if raw is not None else (None, "is too long")
+            if r is None:
+                skipped.add(i, why)
+                continue
             key = (r["group"], r["sample"]) if "group" in r and "sample" in r else i
             keyed.pop(key, None)
             keyed[key] = r
+        if skipped.count and not keyed:
+            raise UserError(f"{f} is not JSONL: line {skipped.first[0]} {skipped.first[1]}: {_HINT}")
+        if warn:
+            skipped.flush()
         rows.extend(keyed.values())
     return rows

@@ -73,6 +73,12 @@ PHASE = "phase"
 EVAL_SUCCESS = "eval/success"
 STEP_TIME = "time/step_s"
 PROBE_TIME = "time/probe_s"  # seconds the callback spent scoring the probe set at that step
+# What the callback's monitor said and did at a step (strings: an alert's key, a checkpoint folder's name)
+ALERT = "monitor/alert"                  # the key of the warning (control-token or format) raised at this step
+COLLAPSED = "monitor/collapsed"          # 1 from the step the collapse rule is met
+COLLAPSE_REASON = "monitor/collapse_reason"
+CHECKPOINT_SAVED = "monitor/checkpoint"  # checkpoint folder saved at the alarm step (on_warning="checkpoint")
+STOPPED = "monitor/stopped"              # 1 when the callback stopped training (on_collapse="stop")
 
 
 def _value(x: str | Enum) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 import json
 import os
-import warnings
 from typing import Iterable, Iterator, Mapping
 
 import numpy as np
@@ -20,7 +19,7 @@ import pandas as pd
 from collapse_probe import schema
 from collapse_probe.errors import UserError
 from collapse_probe.rundir import RunDir
-from collapse_probe.runlog import read_records
+from collapse_probe.runlog import index_file
 
 
 
@@ -61,18 +60,12 @@ class Timeline:
         """Read a run (run dir, HF output dir or metrics file). Torn or garbled lines are skipped and counted
         in `skipped_lines`; a file with no record at all is a UserError."""
         f = RunDir(path).require_metrics()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                records = read_records(f)
-            except UnicodeDecodeError:
-                raise UserError(f"{f} is not JSONL (binary data): pass a metrics file written by collapse-probe, "
-                                "TRL or verl") from None
-        if not records:
+        index, skipped = index_file(f)
+        if not len(index):
             raise UserError(f"{f} holds no records (an empty run): wait until the run has logged a step, or "
                             "pass another run")
-        tl = cls.from_records(records, path=f)
-        tl.skipped_lines = sum("skipped line" in str(w.message) for w in caught)
+        tl = cls.from_records(index.records(), path=f)
+        tl.skipped_lines = skipped.count
         return tl
 
     def records(self) -> Iterator[dict]:

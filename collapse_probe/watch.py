@@ -1,4 +1,4 @@
-"""`watch`: follow a live run's metrics file, raise alerts as they happen, exit 2 once a collapse is confirmed.
+"""`watch`: follow a live run's metrics file, raise alerts as they happen, exit 3 once a collapse is confirmed.
 
 Accepts our trainer's run dir, an HF/TRL output dir holding `collapse_probe/metrics.jsonl`, or a metrics JSONL
 file (ours or verl's file logger). The file is followed with `runlog.tail_records` (torn last lines wait for
@@ -33,14 +33,13 @@ from typing import Callable, Iterable, TextIO
 
 from collapse_probe import schema
 from collapse_probe.detect.monitor import CollapseMonitor, pick_source
-from collapse_probe.errors import UserError
+from collapse_probe.errors import EXIT_COLLAPSED, EXIT_OK, UserError
 from collapse_probe.rundir import RunDir
-from collapse_probe.runlog import StepHistory, tail_records
+from collapse_probe.runlog import StepHistory, index_file, tail_records
 
 __all__ = ["RunWatcher", "watch", "sparkline", "EXIT_OK", "EXIT_COLLAPSED", "POLL_S"]
 
 POLL_S = 0.2
-EXIT_OK, EXIT_COLLAPSED = 0, 2
 SPARK = "▁▂▃▄▅▆▇█"
 STATE_STYLE = {schema.FormatState.HEALTHY_TOOL_CALL.value: "green", schema.FormatState.HEALTHY_RESPONSE.value: "cyan",
                schema.FormatState.TEXT_POLLUTION.value: "yellow", schema.FormatState.FULL_COLLAPSE.value: "red"}
@@ -88,6 +87,7 @@ class RunWatcher:
         self.source = None if self.auto else source
         self.position, self.spark_len = position, int(spark_len)
         self.history = StepHistory()
+        self.resolved_restarts = 0
         self.last_status: dict | None = None
         self._reset()
 
@@ -100,7 +100,19 @@ class RunWatcher:
 
     @property
     def restarts(self) -> int:
-        return self.history.restarts
+        return self.history.restarts + self.resolved_restarts
+
+    def feed_resolved(self, rec: dict, *, light: bool = False) -> dict | None:
+        """Process a record already sorted out by a `StepIndex` (one per step, in order): no history is kept,
+        so memory stays bounded however long the run (`watch --once`). `light` only updates the monitor and
+        returns None unless the step raised an alert or confirmed the collapse (no status, no sparkline)."""
+        was = self.monitor.collapsed
+        if light and not self.monitor.update(rec) and self.monitor.collapsed == was:
+            return None
+        status = self._process(rec)  # after update() the monitor ignores the step; last_alerts are this step's
+        status["restarted"], status["restarts"] = False, self.restarts
+        self.last_status = status
+        return status
 
     @property
     def last_step(self) -> int | None:
@@ -263,12 +275,16 @@ def watch(path: str | os.PathLike, *, once: bool = False, as_json: bool = False,
           idle_timeout: float | None = None, on_alert: str | None = None, poll_s: float = POLL_S,
           source: str = "auto", position: str = schema.Position.AFTER_OPEN.value, out: TextIO | None = None,
           console=None, stop: Callable[[], bool] | None = None) -> int:
-    """Watch a run; returns the exit code (2 once a collapse is confirmed, else 0).
+    """Watch a run; returns the exit code (EXIT_COLLAPSED, 3, once a collapse is confirmed, else 0).
 
     `as_json` writes one status object per processed record to `out` (default stdout), flushed at once;
     with `once`, only the last one. `stop()` ends following (tests, embedding)."""
     from rich.console import Console
 
+    if idle_timeout is not None and not idle_timeout >= 0:
+        raise UserError(f"--idle-timeout {idle_timeout} must be 0 or more seconds (leave it out to follow forever)")
+    if not poll_s > 0:
+        raise UserError(f"--poll {poll_s} must be positive: pass a poll interval in seconds, e.g. 0.2")
     p = Path(path)
     out = out or sys.stdout
     console = console or Console(stderr=True)  # messages and warnings
@@ -281,17 +297,14 @@ def watch(path: str | os.PathLike, *, once: bool = False, as_json: bool = False,
         console.print(f"[dim]waiting for {p}/metrics.jsonl to appear[/dim]", highlight=False)
     w = RunWatcher(source=source, position=position)
     hooks = _Hooks(on_alert, p, as_json, console)
-    skipped = [0]
 
     def emit(status: dict) -> None:
         out.write(json.dumps(status, default=str) + "\n")
         out.flush()
 
     def note_warnings(caught: list) -> None:
-        for wm in caught:
-            skipped[0] += 1
-            if not once:  # --once reports a count at the end (or that the file is not JSONL at all)
-                console.print(f"[yellow]warning:[/yellow] {wm.message}", highlight=False, soft_wrap=True)
+        for wm in caught:  # the reader already rate-limits them (one per file pass, or per few seconds)
+            console.print(f"[yellow]warning:[/yellow] {wm.message}", highlight=False, soft_wrap=True)
         caught.clear()
 
     live = None
@@ -333,27 +346,33 @@ def watch(path: str | os.PathLike, *, once: bool = False, as_json: bool = False,
                 live = Live(render_view(w, p), console=view_console, refresh_per_second=5, transient=False,
                             redirect_stdout=False, redirect_stderr=False)
                 live.start()
-            # 1) the backlog: the file as it is now, in file order
-            for rec in tail_records(p, poll_s=poll_s, stop=lambda: True):
-                status = w.feed(rec)
-                if status is not None:
-                    handle(status, quiet=once)
-            note_warnings(caught)
-            if once:
+            if once:  # one streaming pass over the file as it is now; nothing but the monitor is held
+                f = RunDir(p).require_metrics()
+                index, skipped = index_file(f, warn=False)
+                w = RunWatcher(source=pick_source(index.keys) if source == "auto" else source, position=position)
+                tail_from = len(index) - w.spark_len  # full statuses (sparklines) for the last steps only
+                for i, rec in enumerate(index.records()):
+                    status = w.feed_resolved(rec, light=i < tail_from)
+                    if status is not None:
+                        handle(status, quiet=True)
+                w.resolved_restarts = index.restarts
                 if w.last_status is None:
-                    f = RunDir(p).require_metrics()
-                    if skipped[0]:
-                        raise UserError(f"{f} is not JSONL: no line holds a record with an integer \"step\"; "
-                                        "pass a metrics file written by collapse-probe, TRL or verl")
                     raise UserError(f"{f} holds no records yet: run it again once the run has logged a step")
-                if skipped[0]:
-                    console.print(f"[yellow]warning:[/yellow] skipped {skipped[0]} torn or garbled line(s) of "
-                                  f"{RunDir(p).require_metrics()}", highlight=False, soft_wrap=True)
+                w.last_status["restarts"] = w.restarts
+                if skipped.count:
+                    console.print(f"[yellow]warning:[/yellow] skipped {skipped.count} torn or garbled line(s) of "
+                                  f"{f}", highlight=False, soft_wrap=True)
                 if as_json:
                     emit(w.last_status)
                 else:
                     view_console.print(render_view(w, p))
                 return EXIT_COLLAPSED if w.collapsed else EXIT_OK
+            # 1) the backlog: the file as it is now, in file order
+            for rec in tail_records(p, poll_s=poll_s, stop=lambda: True):
+                status = w.feed(rec)
+                if status is not None:
+                    handle(status, quiet=False)
+            note_warnings(caught)
             if w.collapsed:
                 return EXIT_COLLAPSED
             # 2) follow: the backlog is read again and de-duplicated, so no line written in between is lost

@@ -83,10 +83,10 @@ def test_watch_and_analyze_agree(tmp_path, kind, seed, records):
     _write(run, records)
     w = runner.invoke(app, ["watch", str(run), "--once", "--json"])
     a = runner.invoke(app, ["analyze", str(run), "--json"])
-    assert w.exit_code in (0, 2) and a.exit_code in (0, 2), (w.output, a.output)
+    assert w.exit_code in (0, 3) and a.exit_code in (0, 3), (w.output, a.output)
     watched, analysed = json.loads(w.stdout.strip().splitlines()[-1]), json.loads(a.stdout)
     assert {k: watched[k] for k in AGREE} == {k: analysed[k] for k in AGREE}
-    assert w.exit_code == (2 if analysed["collapsed"] else 0)
+    assert w.exit_code == (3 if analysed["collapsed"] else 0)
     expect = {"early": True, "slow": True, "contained": False, "stable": False, "restarted": True}[kind]
     assert analysed["collapsed"] is expect, analysed["summary"]
     if kind == "early":

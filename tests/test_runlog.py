@@ -317,3 +317,36 @@ def test_read_records_of_a_restarted_run_keeps_only_the_new_tail(tmp_path):
             log.append({"step": s, "success": 0.2, "time": 200.0 + s})
     recs = read_records(tmp_path)
     assert [r["step"] for r in recs] == list(range(7)) and recs[-1]["success"] == 0.2
+
+
+def test_the_streaming_index_reads_what_step_history_keeps(tmp_path):
+    """StepIndex (offsets only) and StepHistory (records) follow one rule: same records for repeats, merges,
+    restarts and older lines read again."""
+    from collapse_probe.history import StepHistory as History
+    from collapse_probe.runlog import iter_records
+
+    lines = [{"step": 0, "time": 1.0, "a": 1}, {"step": 1, "time": 2.0, "a": 2}, {"step": 1, "time": 2.0, "a": 2},
+             {"step": 1, "time": 3.0, "eval": 0.5}, {"step": 2, "time": 4.0, "a": 3}, {"step": 1, "time": 5.0, "a": 9},
+             {"step": 0, "time": 0.5, "a": 7}, {"step": 2, "time": 6.0, "a": 4}]
+    f = tmp_path / "metrics.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    hist = History()
+    for r in lines:
+        hist.add(dict(r))
+    assert list(iter_records(f)) == hist.sorted_records() == [
+        {"step": 0, "time": 1.0, "a": 1}, {"step": 1, "time": 5.0, "a": 9}, {"step": 2, "time": 6.0, "a": 4}]
+
+
+def test_bounded_line_parser(tmp_path):
+    from collapse_probe.lines import parse_line
+
+    assert parse_line(b'{"step": 0, "a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")[0] is None
+    assert parse_line(b'{"step": 0, "a": ' + b"[" * 40 + b"]" * 40 + b"}")[1] == "is nested too deeply"
+    assert "out of range" in parse_line(b'{"step": 1000000000000000000000000000000}')[1]
+    assert parse_line(b'{"step": 1e30}')[0] is None and parse_line(b'{"step": 3.0}')[0] == {"step": 3}
+    f = tmp_path / "metrics.jsonl"
+    f.write_bytes(b"junk\n" * 1000 + b'{"step": 0}\n')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert read_records(f) == [{"step": 0}]
+    assert len(caught) == 1 and "1000 unreadable lines" in str(caught[0].message)  # one warning, with a count

@@ -86,7 +86,7 @@ def test_once_json_on_finished_runs(tmp_path):
     stable = write_run(tmp_path / "stable", collapse=False, seed=1)
     before = snapshot(col)
     res = runner.invoke(app, ["watch", str(col), "--once", "--json"])
-    assert res.exit_code == 2, res.output
+    assert res.exit_code == 3, res.output
     lines = res.stdout.strip().splitlines()
     assert len(lines) == 1
     st = json.loads(lines[0])
@@ -100,7 +100,7 @@ def test_once_json_on_finished_runs(tmp_path):
     assert st["collapsed"] is False and st["alerts"] == [] and st["spike_step"] is None
 
     res = runner.invoke(app, ["watch", str(col), "--once"])  # the rich view
-    assert res.exit_code == 2 and "end_of_turn" in res.stdout and "COLLAPSED" in res.stdout
+    assert res.exit_code == 3 and "end_of_turn" in res.stdout and "COLLAPSED" in res.stdout
     assert snapshot(col) == before
 
 
@@ -134,7 +134,7 @@ def test_follow_alerts_within_a_second_before_the_reward_drop(tmp_path):
     th.start()
     rc = watch(run, as_json=True, out=out, idle_timeout=5.0, poll_s=0.2)
     th.join()
-    assert rc == 2
+    assert rc == 3
     assert out.lines[-1][1]["collapsed"] is True
     alerted = [(t, st) for t, st in out.lines if st["alerts"]]
     assert alerted
@@ -193,7 +193,7 @@ def test_restarted_log_and_verl_file_once(tmp_path):
     verl.write_text("".join(json.dumps({"step": r["step"], "data": {k: v for k, v in r.items() if k != "step"}})
                             + "\n" for r in recs))
     res = runner.invoke(app, ["watch", str(verl), "--once", "--json"])
-    assert res.exit_code == 2 and json.loads(res.stdout)["collapsed"]
+    assert res.exit_code == 3 and json.loads(res.stdout)["collapsed"]
 
 
 def test_on_alert_hook_and_read_only(tmp_path):
@@ -208,7 +208,7 @@ def test_on_alert_hook_and_read_only(tmp_path):
         res = runner.invoke(app, ["watch", str(run), "--json", "--idle-timeout", "0.3", "--on-alert", cmd])
     finally:
         os.chdir(cwd)
-    assert res.exit_code == 2, res.output
+    assert res.exit_code == 3, res.output
     kinds = [line.split()[0] for line in hook_out.read_text().splitlines()]
     assert kinds[0] == "control_spike" and "collapse" in kinds and "reward_drop" in kinds
     assert all(json.loads(line)["step"] is not None for line in res.stdout.strip().splitlines())

@@ -1,7 +1,10 @@
 """CollapseProbeCallback: control-token probes and format-state mix for an HF `Trainer` or a TRL trainer.
 
-Callbacks never see the training logits, so the callback measures a fixed probe set (`cp/probe/...`, see
-capture/probe_set.py) every `every` steps, merges the Trainer's own logs of that step (loss, reward, entropy,
+On-policy numbers (`cp/rollout/...`, `gp/...`) come from the training forward itself (integrations/trl.py: hidden
+states x LM head at the decision rows for TRL's fused head, the logits otherwise), summed over ranks each step.
+The callback also measures a fixed probe set (`cp/probe/...`, see capture/probe_set.py) every `every` steps,
+at the policy's temperature, puts its keys into the Trainer's logs (it runs first, so W&B / TensorBoard / trackio
+see them), feeds each step to the collapse monitor (integrations/actions.py), and merges the Trainer's own logs of that step (loss, reward, entropy,
 grad_norm, ... under the Trainer's key names) into one record per step, and adds the format-state mix (`fmt/...`)
 of the completions TRL logs with `log_completions=True`. Records go to `OUTPUT_DIR/collapse_probe/metrics.jsonl`
 (docs/DESIGN.md), readable by every collapse-probe command. A probe error never stops training: it is logged once.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import numbers
 import time
 from pathlib import Path
@@ -24,15 +28,17 @@ import torch
 from transformers import TrainerCallback
 
 from collapse_probe.capture.probe_set import ProbeSet
+from collapse_probe.capture.stats import means_of
 from collapse_probe.errors import UserError
+from collapse_probe.integrations import distributed
+from collapse_probe.integrations.actions import Actions
+from collapse_probe.integrations.trl import OnPolicyCapture, unwrap_model
 from collapse_probe.runlog import RunLog
-from collapse_probe.schema import LR, PROBE_TIME, REWARD_MEAN, REWARD_STD, STATES, STEP, TIME, state_key
+from collapse_probe.schema import (LR, PROBE_TIME, REWARD_MEAN, REWARD_STD, STATES, STEP, TIME, parse_cp_key,
+                                   parse_gp_key, state_key)
 from collapse_probe.tokens import ControlTokens, resolve_control_tokens
 
 logger = logging.getLogger(__name__)
-
-_WRAPPERS = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine")
-
 
 class CollapseProbeCallback(TrainerCallback):
     """Probe control-token probabilities every `every` steps and log them with the Trainer's metrics.
@@ -47,11 +53,16 @@ class CollapseProbeCallback(TrainerCallback):
         out_dir: where config.json and metrics.jsonl go; default `args.output_dir/collapse_probe/`.
         token_overrides: role -> string for control tokens auto-detection misses (e.g. {"tool_open": "<call>"}).
         format_spec: a `collapse_probe.formats.classify.FormatSpec` or preset name for classifying TRL completions.
+        on_policy: capture `cp/rollout/...` and `gp/...` from the training forward (no user code needed).
+        on_warning: "log" (default) or "checkpoint": save a checkpoint at the step the first warning fires.
+        on_collapse: "log" (default) or "stop": end training at the step the collapse rule is met.
+        report: put our keys into the Trainer's logs (its dashboards), not only into metrics.jsonl.
     """
 
     def __init__(self, tokenizer: Any = None, probe_set: ProbeSet | None = None,
                  probe_messages: list[list[dict]] | None = None, every: int = 10, out_dir: str | None = None,
-                 token_overrides: dict[str, str] | None = None, format_spec: Any = None):
+                 token_overrides: dict[str, str] | None = None, format_spec: Any = None, on_policy: bool = True,
+                 on_warning: str = "log", on_collapse: str = "log", report: bool = True):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise UserError(f"every={every!r}: pass a whole number of steps >= 1")
         if probe_messages is not None and (not isinstance(probe_messages, list)
@@ -62,6 +73,9 @@ class CollapseProbeCallback(TrainerCallback):
         self.tokenizer, self.probe_set, self.probe_messages = tokenizer, probe_set, probe_messages
         self.every, self.out_dir, self.token_overrides = every, out_dir, dict(token_overrides or {})
         self.format_spec = format_spec
+        self.on_policy, self.report = bool(on_policy), bool(report)
+        self.on_warning, self.on_collapse = on_warning, on_collapse
+        Actions(on_warning, on_collapse)  # a bad choice is the user's to fix now
         self.roles: ControlTokens | None = None
         if tokenizer is not None and self.token_overrides:  # a bad override is the user's to fix now
             self.roles = resolve_control_tokens(_text_tokenizer(tokenizer), self.token_overrides)
@@ -77,15 +91,26 @@ class CollapseProbeCallback(TrainerCallback):
         self._warned: set[str] = set()
         self._is_main = True
         self._running = False
+        self._capture: OnPolicyCapture | None = None
+        self._actions = Actions(self.on_warning, self.on_collapse)
+        self._judged: int | None = None
+        self._temperature = 1.0
 
     # ------------------------------------------------------------------ Trainer events
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         self._guard("setup", self._setup, args, state, model, kwargs)
+        trainer = _find_trainer(self)
+        if trainer is not None:
+            self._guard("report", _run_first, self, trainer)
+            if self.on_policy and self.roles is not None:
+                self._guard("on-policy setup", self._attach, trainer, model)
         if state.global_step == 0:  # a resumed run already has a record for its first step
             self._guard("probe", self._probe, state.global_step, model)
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if self._capture is not None:  # every rank: the sums are reduced collectively
+            self._guard("on-policy", self._collect, state.global_step)
         if state.global_step % self.every == 0:
             self._guard("probe", self._probe, state.global_step, model)
 
@@ -94,12 +119,48 @@ class CollapseProbeCallback(TrainerCallback):
             self._guard("log", self._merge, state.global_step, _trainer_metrics(logs))
             if not self._running:  # e.g. trainer.evaluate() after train(): the step's record is rewritten whole
                 self._guard("write", self._flush)
+        if self._running and self._judged != state.global_step:  # once per step (not the summary log)
+            self._judged = state.global_step
+            self._guard("monitor", self._judge, control)
+            if logs is not None and self.report and self._pending is not None:
+                self._guard("report", _report, logs, self._pending)  # ahead of the reporters: they log ours too
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if self._probed != state.global_step:
             self._guard("probe", self._probe, state.global_step, model)
         self._guard("write", self._flush)
         self._running = False  # the log stays open for metrics logged after training (evaluate)
+        if self._capture is not None:
+            self._capture.detach()
+            self._capture = None
+
+    # ------------------------------------------------------------------ on-policy, actions
+
+    def _attach(self, trainer: Any, model: Any) -> None:
+        cap = OnPolicyCapture(self.roles)
+        cap.attach(trainer, model)
+        self._capture, self._temperature = cap, cap.temperature
+        self._keys = distributed.capture_keys(cap.role_ids, cap.source, pressure=True)
+
+    def _collect(self, step: int) -> None:
+        sums, weights = distributed.all_reduce_totals(*self._capture.pop_totals(), self._keys)
+        ours = means_of(sums, weights)
+        if self._is_main and ours:
+            self._merge(step, ours)
+
+    def _judge(self, control: Any) -> None:
+        """Feed the step's record to the monitor; rank 0's decisions are broadcast so every rank acts alike."""
+        decision = None
+        if self._is_main and self._pending is not None:
+            decision = self._actions.decide(self._pending)
+            self._pending.update(decision.keys)
+        flags = [bool(decision and decision.save), bool(decision and decision.stop)]
+        if distributed.world_size() > 1:
+            flags = distributed.broadcast_flags(flags)
+        if flags[0]:
+            control.should_save = True
+        if flags[1]:
+            control.should_training_stop = True
 
     # ------------------------------------------------------------------ work
 
@@ -130,7 +191,8 @@ class CollapseProbeCallback(TrainerCallback):
                           "args_class": type(args).__name__, "output_dir": str(self._output_dir),
                           "every": self.every, "probe_set": origin,
                           "probe_sequences": len(self.probe_set.seqs) if self.probe_set is not None else 0,
-                          "model": getattr(getattr(_unwrap(model), "config", None), "_name_or_path", None),
+                          "model": getattr(getattr(unwrap_model(model), "config", None), "_name_or_path", None),
+                          "on_warning": self.on_warning, "on_collapse": self.on_collapse,
                           "roles": self.roles.to_dict() if self.roles is not None else None,
                           "started": time.time()}
                 (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
@@ -140,12 +202,12 @@ class CollapseProbeCallback(TrainerCallback):
         if self.probe_set is None or model is None:
             return
         # Every rank scores (a sharded model needs all of them in the forward); only the main one writes.
-        net = _unwrap(model)
+        net = unwrap_model(model)
         was_training = net.training
         t0 = time.perf_counter()
         try:
             with torch.no_grad():
-                stats = self.probe_set.score(net)
+                stats = self.probe_set.score(net, temperature=self._temperature)
         finally:
             net.train(was_training)
         if self._is_main:
@@ -205,12 +267,6 @@ def _text_tokenizer(tok: Any) -> Any:
     return getattr(tok, "tokenizer", None) or tok
 
 
-def _unwrap(model: Any) -> Any:
-    while model is not None and type(model).__name__ in _WRAPPERS and hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 _WORLD_TOKENS = ("<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
 
 
@@ -226,8 +282,8 @@ def _default_probe_set(tok: Any, roles: ControlTokens, messages: list[list[dict]
     return ProbeSet.from_world(tok, roles=roles), "world"
 
 
-def _trainer_name(cb: TrainerCallback, args: Any) -> str:
-    """The class of the Trainer running this callback (found on the call stack), else guessed from args."""
+def _find_trainer(cb: TrainerCallback) -> Any:
+    """The Trainer running this callback, found on the call stack (the object whose handler holds `cb`)."""
     import inspect
 
     frame = inspect.currentframe()
@@ -239,9 +295,33 @@ def _trainer_name(cb: TrainerCallback, args: Any) -> str:
             obj = frame.f_locals.get("self")
             handler = getattr(obj, "callback_handler", None)
             if handler is not None and cb in getattr(handler, "callbacks", ()):
-                return type(obj).__name__
+                return obj
     finally:
         del frame
+    return None
+
+
+def _run_first(cb: TrainerCallback, trainer: Any) -> None:
+    """Move `cb` to the front of the Trainer's callbacks, ahead of the reporters (their `on_log` then sees our
+    keys). Safe while the handler iterates its list: the callbacks after `cb` keep their places."""
+    callbacks = trainer.callback_handler.callbacks
+    callbacks.remove(cb)
+    callbacks.insert(0, cb)
+
+
+def _report(logs: dict, record: dict) -> None:
+    """Our finite numeric `cp/` and `gp/` keys of the step into the Trainer's logs dict."""
+    for k, v in record.items():
+        if (parse_cp_key(k) or parse_gp_key(k)) and isinstance(v, (int, float)) and math.isfinite(v) \
+                and k not in logs:
+            logs[k] = v
+
+
+def _trainer_name(cb: TrainerCallback, args: Any) -> str:
+    """The class of the Trainer running this callback, else guessed from args."""
+    trainer = _find_trainer(cb)
+    if trainer is not None:
+        return type(trainer).__name__
     name = type(args).__name__
     return name[:-len("Config")] + "Trainer" if name.endswith("Config") else "Trainer"
 

@@ -68,9 +68,10 @@ class ProbeSet:
         return cls(seqs, masks, roles or resolve_control_tokens(tokenizer), _pad(tokenizer))
 
     @torch.no_grad()
-    def score(self, model: torch.nn.Module, *, batch_size: int = 16,
-              source: str = Source.PROBE.value) -> dict[str, float]:
-        """One no-grad forward per batch; returns `cp/probe/{position}/{role}` means over the whole set."""
+    def score(self, model: torch.nn.Module, *, batch_size: int = 16, source: str = Source.PROBE.value,
+              temperature: float = 1.0) -> dict[str, float]:
+        """One no-grad forward per batch; returns `cp/probe/{position}/{role}` means over the whole set, at the
+        policy's sampling `temperature` (so gold-context and on-policy numbers are the same distribution)."""
         was_training = model.training
         model.eval()
         means = RecordMeans()  # each batch's means weighted by its position count
@@ -86,6 +87,8 @@ class ProbeSet:
                 ids[j, :len(s)], gen[j, :len(m)], attn[j, :len(s)] = torch.tensor(s), torch.tensor(m), 1
             ids, gen, attn = ids.to(device), gen.to(device), attn.to(device)
             logits = model(input_ids=ids, attention_mask=attn).logits
+            if temperature != 1.0:
+                logits = logits / temperature
             pos = decision_positions(ids, gen, role_ids)
             means.add(position_stats(logits, ids, pos, role_ids, is_logp=False, source=source), source)
         model.train(was_training)

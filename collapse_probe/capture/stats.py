@@ -20,7 +20,7 @@ and never syncs until `DeferredStats.resolve()`.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -29,6 +29,8 @@ from collapse_probe.schema import (POSITIONS, Part, Position, Source, cp_count_k
 
 # (row, col) indices of one position kind, and a 0/1 weight per row (None: every row is a real position)
 Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+# (rows, cols) -> the [M, V] scores of those positions, for callers that never hold [N, T, V]
+RowReader = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def decision_positions(ids: torch.Tensor, gen_mask: torch.Tensor, role_ids: Mapping[str, int]
@@ -113,12 +115,15 @@ def _mean_rows(x: torch.Tensor, valid: torch.Tensor | None, denom: torch.Tensor 
     return x.mean(0) if valid is None else (x * (valid if x.dim() == 1 else valid[:, None])).sum(0) / denom
 
 
-def _gather(scores: torch.Tensor, ids: torch.Tensor, rows: Mapping[str, Rows], role_ids: Mapping[str, int], *,
-            is_logp: bool, source: str, advantages: torch.Tensor | None) -> DeferredStats:
-    """The capture math, shared by both entry points: per position kind, read the M decision rows of `scores`,
-    gather the K control columns, and average with the rows' weights. Nothing leaves the device here."""
+def _gather(scores: torch.Tensor | RowReader, ids: torch.Tensor, rows: Mapping[str, Rows],
+            role_ids: Mapping[str, int], *, is_logp: bool, source: str, advantages: torch.Tensor | None,
+            device: torch.device | None = None) -> DeferredStats:
+    """The capture math, shared by every entry point: per position kind, read the M decision rows of `scores`
+    (a [N, T, V] tensor, or a `RowReader` that builds only those rows, e.g. hidden states x LM head), gather the
+    K control columns, and average with the rows' weights. Nothing leaves the device here."""
     roles = sorted(role_ids)
-    dev = scores.device
+    dev = scores.device if isinstance(scores, torch.Tensor) else device
+    read = (lambda r, c: scores[r, c]) if isinstance(scores, torch.Tensor) else scores
     cols = torch.tensor([role_ids[r] for r in roles], dtype=torch.long, device=dev)
     adv_all = advantages.to(dev).float() if advantages is not None else None
     keys: list[str] = []
@@ -133,7 +138,7 @@ def _gather(scores: torch.Tensor, ids: torch.Tensor, rows: Mapping[str, Rows], r
         else:
             counts[kind] = valid.sum()
             denom = counts[kind].clamp(min=1)
-        got = scores[r, c].float()  # [M, V]: only decision rows, a small slice
+        got = read(r, c).float()  # [M, V]: only decision rows, a small slice
         logp = got if is_logp else got - torch.logsumexp(got, dim=-1, keepdim=True)
         p = logp.index_select(-1, cols).exp()  # [M, K]
         names = [cp_entropy_key(source, kind)] + [cp_key(source, kind, role) for role in roles]
@@ -166,6 +171,18 @@ def position_stats(scores: torch.Tensor, ids: torch.Tensor,
     from those that did not. All values are gathered into one tensor and copied to the host once."""
     rows = {kind: (r, c, None) for kind, (r, c) in positions.items()}
     return _gather(scores, ids, rows, role_ids, is_logp=is_logp, source=source, advantages=advantages).resolve()
+
+
+@torch.no_grad()
+def position_stats_rows(read_rows: RowReader, ids: torch.Tensor,
+                        positions: Mapping[str, tuple[torch.Tensor, torch.Tensor]], role_ids: Mapping[str, int], *,
+                        device: torch.device, source: str, advantages: torch.Tensor | None = None,
+                        is_logp: bool = False) -> dict[str, float]:
+    """`position_stats` when the full scores never exist: `read_rows(rows, cols)` returns the [M, V] logits of
+    just those positions (TRL's fused LM head: last hidden state rows x head weight / temperature)."""
+    rows = {kind: (r, c, None) for kind, (r, c) in positions.items()}
+    return _gather(read_rows, ids, rows, role_ids, is_logp=is_logp, source=source, advantages=advantages,
+                   device=device).resolve()
 
 
 @torch.no_grad()
@@ -220,9 +237,19 @@ class RecordMeans:
 
     def pop(self) -> dict[str, float]:
         """The means (sorted by key), then reset. Empty when nothing was added."""
-        out = {k: (v / self._weights[k] if k in self._weights else v) for k, v in self._sums.items()}
-        self._sums, self._weights = {}, {}
-        return dict(sorted(out.items()))
+        return means_of(*self.pop_totals())
+
+    def pop_totals(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(weighted sums, weights) per key, then reset: what ranks add up before taking the means."""
+        out, self._sums, self._weights = (self._sums, self._weights), {}, {}
+        return out
+
+
+def means_of(sums: Mapping[str, float], weights: Mapping[str, float]) -> dict[str, float]:
+    """Means from `RecordMeans.pop_totals()` (possibly summed over ranks): keys with weight 0 are left out,
+    counts (no weight) are kept as sums."""
+    out = {k: (v / weights[k] if k in weights else v) for k, v in sums.items() if k not in weights or weights[k] > 0}
+    return dict(sorted(out.items()))
 
 
 def safe_float(x: float) -> float:

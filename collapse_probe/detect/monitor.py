@@ -193,9 +193,10 @@ def replay(records: Iterable[Mapping], *, source: str | None = None, checkpoints
            breakage_settings: Mapping | None = None,
            baseline_settings: Mapping[str, Mapping] | None = None) -> Verdict:
     """The verdict of a whole run: its records (one per step, in step order) fed through one monitor.
-    `source` None picks rollout captures when the run has them (as `watch` does)."""
-    records = list(records)
+    `source` None picks rollout captures when the run has them (as `watch` does); that needs the records in
+    memory, so a caller streaming a large run picks the source first (from the keys) and passes it."""
     if source is None:
+        records = list(records)
         source = pick_source(k for r in records for k in r)
     mon = CollapseMonitor(source=source, rule=rule, spike_settings=spike_settings, checkpoints=checkpoints,
                           breakage_settings=breakage_settings, baseline_settings=baseline_settings)

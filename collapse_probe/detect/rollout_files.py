@@ -18,6 +18,7 @@ A directory holding ``rollouts/``, ``completions/`` or ``collapse_probe/rollouts
 from __future__ import annotations
 
 import json
+import warnings
 import re
 from bisect import bisect_right
 from numbers import Integral, Real
@@ -103,15 +104,18 @@ def _load_file(p: Path, spec: FormatSpec) -> list[dict]:
         raise UserError(f"{p}: neither UTF-8 JSONL nor parquet; {_WHAT}") from None
     file_step = _step_from_name(p)
     out: list[dict] = []
+    bad: list[tuple[int, str]] = []  # torn or garbled lines: skipped with one warning, as the run log reader does
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except (ValueError, RecursionError):
-            raise UserError(f"{p}:{n}: not a JSON object (expected JSONL, one object per line); {_WHAT}") from None
+            bad.append((n, "not a JSON object (expected JSONL, one object per line)"))
+            continue
         if not isinstance(row, dict):
-            raise UserError(f"{p}:{n}: a JSON {type(row).__name__}, expected an object per line; {_WHAT}")
+            bad.append((n, f"a JSON {type(row).__name__}, expected an object per line"))
+            continue
         texts = _row_texts(row, spec)
         if texts is None:
             keys = ", ".join(list(row)[:8]) or "none"
@@ -120,6 +124,11 @@ def _load_file(p: Path, spec: FormatSpec) -> list[dict]:
         step = _as_step(row.get("step"))
         out.extend(_turn(t, row.get("group"), step if step is not None else file_step,
                          _user_message(row.get("prompt", row.get("input")))) for t in texts)
+    if bad and not out:
+        raise UserError(f"{p}:{bad[0][0]}: {bad[0][1]}; {_WHAT}")
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable line(s) of {p} (the first, line {bad[0][0]}: {bad[0][1]})",
+                      stacklevel=2)
     return out
 
 

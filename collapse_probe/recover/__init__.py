@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from collapse_probe.errors import UserError
+from collapse_probe.weights import check_weights
 from collapse_probe.formats.registry import HERMES
 from collapse_probe.recover.evaluate import evaluate_format, format_spread, score_episode
 from collapse_probe.recover.grid import FORMAT_NAMES, FORMATS, GridFormat, get_format, parse_format_list
@@ -61,15 +62,8 @@ def load_checkpoint(path: str | Path):
     if not any(p.glob("*.safetensors")):
         raise UserError(f"{path}: no *.safetensors weights here{hint}; recover loads safetensors checkpoints "
                         "written by save_pretrained")
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    try:  # the tokenizer first: a missing control token is reported before the weights load
-        tok = AutoTokenizer.from_pretrained(str(p))
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: could not load a tokenizer ({first}); pass a checkpoint saved with its "
-                        "tokenizer files") from None
+    check_weights(p)  # cut or lying weight files: refused from their headers, before the tokenizer loads
+    tok = tiny.load_tokenizer(p)  # the tokenizer first: a missing control token is reported before the weights
     roles = resolve_control_tokens(tok)
     need = {"tool_open": world.TOOL_OPEN, "end_of_turn": world.IM_END}
     missing = [s for role, s in need.items() if roles.strings.get(role) != s]
@@ -77,13 +71,7 @@ def load_checkpoint(path: str | Path):
         raise UserError(f"{path}: the tokenizer lacks {' and '.join(missing)} as single control tokens; recover "
                         "runs the embedded tool world (Qwen/Hermes ChatML), which needs them "
                         f"(see `collapse-probe tokens {path}`)")
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model, tok = tiny.load_pretrained(p)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+    model, tok = tiny.load_pretrained(p)  # quiet: no bars, no load report
     return model, tok, roles
 
 

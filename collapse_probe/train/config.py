@@ -23,8 +23,13 @@ from enum import Enum
 from typing import Any
 
 from collapse_probe.errors import UserError
-from collapse_probe.train.tiny import SIZES
 from collapse_probe.world import RewardSpec
+
+SIZES = {  # name: (hidden, layers, heads)
+    "tiny": (128, 2, 4),
+    "small": (128, 4, 4),
+    "base": (256, 4, 8),
+}
 
 
 class Mode(str, Enum):

@@ -21,7 +21,6 @@ from typing import Any, Callable
 
 from collapse_probe.errors import UserError
 from collapse_probe.train.config import Mode, Schedule, TrainConfig
-from collapse_probe.train.trainer import train
 from collapse_probe.world import RewardSpec
 
 # Outcome reward plus a per-turn format bonus for opening a tool call: a turn that is only `<tool_call>` then
@@ -60,6 +59,8 @@ def sft_checkpoint(*, progress: Callable[[int, dict], None] | None = None, steps
     ckpt = run / f"checkpoint-{cfg.steps}"
     if (ckpt / "model.safetensors").exists():
         return ckpt
+    from collapse_probe.train.trainer import train  # torch: only when a model is trained
+
     if run.exists():  # a killed earlier attempt: start clean, the log is append-only otherwise
         import shutil
         shutil.rmtree(run)

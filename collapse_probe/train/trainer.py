@@ -18,14 +18,14 @@ from typing import Callable
 import torch
 
 from collapse_probe.capture.probe_set import ProbeSet
-from collapse_probe.errors import UserError
 from collapse_probe.formats.classify import FormatSpec, classify_turn
-from collapse_probe.runlog import RolloutLog, RunLog
+from collapse_probe.runlog import RolloutLog, RunLog, lock_run_dir, unlock_run_dir
 from collapse_probe.schema import FORMAT_VALID, HEALTHY_STATES, FormatState, reason_key, state_key
 from collapse_probe.tokens import resolve_control_tokens
 from collapse_probe.train import grpo, sft, tiny
 from collapse_probe import schema, world
 from collapse_probe.train.config import Mode, Schedule, TrainConfig
+from collapse_probe.train.run_files import check_run_dir, remove_run_files
 from collapse_probe.train.rollout import rollout
 
 
@@ -39,11 +39,13 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * scale
 
 
-def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dict], None] | None = None) -> Path:
-    """Run one training job into `out_dir`; returns the path of the last checkpoint."""
+def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dict], None] | None = None,
+          overwrite: bool = False) -> Path:
+    """Run one training job into `out_dir`; returns the path of the last checkpoint. A directory that holds a
+    run is refused unless `overwrite` (then its run files are replaced once the model has loaded)."""
     cfg.validate()  # fields may have been set after construction
     out = Path(out_dir)
-    check_run_dir(out, cfg)
+    check_run_dir(out, cfg, overwrite=overwrite)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -57,9 +59,14 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dic
         ref_model.eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     # only now, with the config checked and the model loaded, does the run directory change
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(cfg.to_json())
-    log, rlog = RunLog(out), RolloutLog(out)
+    held = lock_run_dir(out)  # refuses a second writer before anything is removed or written
+    try:
+        if overwrite:
+            remove_run_files(out)
+        (out / "config.json").write_text(cfg.to_json())
+        log, rlog = RunLog(out), RolloutLog(out)
+    finally:
+        unlock_run_dir(held)  # the RunLog holds it now (same process)
     failed: list[world.Task] = []
     spec = FormatSpec.hermes()
     last_ckpt = out
@@ -113,19 +120,6 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dic
     last_ckpt = save_checkpoint(model, tok, out, cfg.steps)
     log.close()
     return last_ckpt
-
-
-def check_run_dir(out: str | Path, cfg: TrainConfig) -> None:
-    """Refuse a directory that already holds a run with another config: its config.json is never replaced."""
-    path = Path(out) / "config.json"
-    if not path.is_file():
-        return
-    try:
-        same = json.loads(path.read_text()) == cfg.to_dict()
-    except (OSError, ValueError):
-        same = False
-    if not same:
-        raise UserError(f"{out} already holds a run with another config (its config.json); pass a new --out")
 
 
 def _load(cfg: TrainConfig):

@@ -1,0 +1,114 @@
+"""Records from an HF / TRL output dir written without our callback.
+
+Three sources, merged per step (later ones fill keys the earlier ones lack):
+- `trainer_state.json` (the output dir's, else the newest `checkpoint-N/`'s): its `log_history`, with TRL's
+  metric names mapped to ours (`reward` -> `reward/mean`, `reward_std` -> `reward/std`, ...);
+- TensorBoard event files under `runs/` (read with tensorboard's own reader, when installed), `train/` prefix
+  dropped;
+- TRL's `completions/completions_NNNNN.parquet` (`log_completions=True`) -> the per-step format mix (`fmt/...`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from collapse_probe.schema import (ENTROPY, GRAD_NORM, KL, LOSS, LR, REWARD_MEAN, REWARD_STD, STEP, TIME)
+
+# TRL / HF Trainer log names -> ours (the trainer's own names are kept as well)
+ALIASES = {"reward": REWARD_MEAN, "reward_std": REWARD_STD, "learning_rate": LR, "entropy": ENTROPY,
+           "kl": KL, "grad_norm": GRAD_NORM, "loss": LOSS}
+_SUMMARY = ("train_runtime", "train_loss", "train_samples_per_second", "train_steps_per_second", "total_flos")
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _state_file(root: Path) -> Path | None:
+    if (root / "trainer_state.json").is_file():
+        return root / "trainer_state.json"
+    ckpts = sorted((int(m.group(1)), p) for p in root.glob("checkpoint-*")
+                   if (m := _CKPT.match(p.name)) and (p / "trainer_state.json").is_file())
+    return ckpts[-1][1] / "trainer_state.json" if ckpts else None
+
+
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _add(steps: dict[int, dict], step: int, key: str, value: float) -> None:
+    rec = steps.setdefault(step, {STEP: step})
+    rec.setdefault(key, value)
+    if key in ALIASES:
+        rec.setdefault(ALIASES[key], value)
+
+
+def _from_state(root: Path, steps: dict[int, dict]) -> None:
+    f = _state_file(root)
+    if f is None:
+        return
+    for entry in json.loads(f.read_text()).get("log_history", []):
+        step = entry.get("step")
+        if not isinstance(step, int) or any(k in entry for k in _SUMMARY):
+            continue
+        for k, v in entry.items():
+            x = _number(v)
+            if x is not None and k not in (STEP, "epoch"):
+                _add(steps, step, k, x)
+
+
+def _from_tensorboard(root: Path, steps: dict[int, dict]) -> None:
+    dirs = sorted({p.parent for p in (root / "runs").rglob("events.out.tfevents.*")}) if (root / "runs").is_dir() \
+        else []
+    if not dirs:
+        return
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return
+    for d in dirs:
+        acc = EventAccumulator(str(d), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            key = tag[len("train/"):] if tag.startswith("train/") else tag
+            for ev in acc.Scalars(tag):
+                x = _number(ev.value)
+                if x is not None:
+                    _add(steps, int(ev.step), key, x)
+
+
+def _from_completions(root: Path, steps: dict[int, dict]) -> None:
+    files = sorted((root / "completions").glob("completions_*.parquet")) if (root / "completions").is_dir() else []
+    if not files:
+        return
+    from collapse_probe.detect.rollout_files import load_turns
+    from collapse_probe.formats.classify import state_mix
+
+    for f in files:
+        by_step: dict[int, list[str]] = {}
+        for turn in load_turns(f):
+            if turn.get("step") is not None:
+                by_step.setdefault(int(turn["step"]), []).append(turn["text"])
+        for step, texts in by_step.items():
+            for k, v in state_mix(texts).metrics().items():
+                _add(steps, step, k, v)
+
+
+def read_hf_output(path: str | Path) -> list[dict] | None:
+    """One record per logged step (step order), or None when `path` holds no HF/TRL training logs."""
+    root = Path(path)
+    if not root.is_dir():
+        return None
+    steps: dict[int, dict] = {}
+    _from_state(root, steps)
+    _from_tensorboard(root, steps)
+    _from_completions(root, steps)
+    if not any(len(r) > 1 for r in steps.values()):
+        return None
+    out = []
+    for step in sorted(steps):
+        rec = steps[step]
+        rec.setdefault(TIME, float(step))  # no wall clock in these logs: step order stands in for it
+        out.append(rec)
+    return out
