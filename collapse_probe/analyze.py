@@ -258,12 +258,9 @@ def _analyze_checkpoints(p: Path, ckpts: list[Checkpoint], *, eval_tasks, probe,
     todo = [ck for ck in ckpts if store.get(ck, settings) is None]
     scored = 0
     if todo:
-        from transformers.utils import logging as hf_logging
+        from collapse_probe.train.tiny import quiet_transformers
 
-        bars_were_off, verbosity = hf_logging.is_progress_bar_enabled() is False, hf_logging.get_verbosity()
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-        try:
+        with quiet_transformers():
             for i, ck in enumerate(todo):
                 if progress:
                     progress(i, len(todo), f"step {ck.step}")
@@ -272,10 +269,6 @@ def _analyze_checkpoints(p: Path, ckpts: list[Checkpoint], *, eval_tasks, probe,
                 scored += 1
             if progress:
                 progress(len(todo), len(todo), "done")
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            if not bars_were_off:
-                hf_logging.enable_progress_bar()
     records = [store.get(ck, settings)["record"] for ck in ckpts]
     tl = Timeline.from_records(records, path=p)
     # Checkpoint series are few and noise-free (a fixed probe set, no sampling): the spike is a move of >= 1.0

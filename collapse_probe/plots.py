@@ -127,8 +127,8 @@ def _onsets(axes, verdict) -> None:
     for step, label, ls in marks:
         for ax in axes:
             ax.axvline(step, color="0.25", ls=ls, lw=0.8, zorder=3)
-        # stagger labels whose lines are close (up to three levels)
-        level = (level + 1) % 3 if prev is not None and abs(step - prev) < 0.2 * (x1 - x0) else 0
+        # stagger labels whose lines are close (up to four levels)
+        level = (level + 1) % 4 if prev is not None and abs(step - prev) < 0.2 * (x1 - x0) else 0
         prev = step
         axes[0].annotate(label, (step, 1.0), xycoords=("data", "axes fraction"), xytext=(0, 2 + 7 * level),
                          textcoords="offset points", ha="center", va="bottom", fontsize=7, annotation_clip=False)
@@ -139,7 +139,8 @@ def _onsets(axes, verdict) -> None:
                     arrowprops=dict(arrowstyle="<->", lw=0.7, color="0.2", shrinkA=0, shrinkB=0), zorder=4)
         x0, x1 = ax.get_xlim()
         left = (start - x0) > 0.25 * (x1 - x0)  # room for the text left of the arrow (success is high there)
-        ax.annotate(f"lead {verdict.lead_steps} steps", (start if left else (start + verdict.collapse_step) / 2,
+        label = f"lead {verdict.lead_steps} step" + ("" if verdict.lead_steps == 1 else "s")
+        ax.annotate(label, (start if left else (start + verdict.collapse_step) / 2,
                     0.35), xycoords=("data", "axes fraction"), xytext=(-3, 0) if left else (0, -2),
                     textcoords="offset points", ha="right" if left else "center", va="center" if left else "top",
                     fontsize=7, zorder=5, bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.85))

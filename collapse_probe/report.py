@@ -83,8 +83,8 @@ def _verdict_section(verdict, tl) -> str:
     lines += ["", "| signal | onset step | alert at | lead over reward drop (steps, from the alert) | detail |",
               "|---|---|---|---|---|"]
 
-    def row(label, ev, detail=""):
-        lead = None if ev is None or d.collapse_step is None else d.collapse_step - ev.detected_at
+    def row(label, ev, detail="", lead_too=True):
+        lead = None if ev is None or d.collapse_step is None or not lead_too else d.collapse_step - ev.detected_at
         at = "–" if ev is None else str(ev.detected_at)
         lines.append(f"| {label} | {_fmt(None if ev is None else ev.step)} | {at} | {_fmt(lead)} | {detail} |")
 
@@ -93,7 +93,7 @@ def _verdict_section(verdict, tl) -> str:
     ev = d.first_event("format_breakage")
     row("format breakage (ours)", ev, "" if ev is None else f"`{ev.key}` up, {ev.magnitude:+.2f} log-odds")
     ev = d.first_event("reward_drop")
-    row("reward drop", ev, "" if ev is None else f"`{ev.key}` below half its peak")
+    row("reward drop", ev, "" if ev is None else f"`{ev.key}` below half its peak", lead_too=False)
     for name, b in d.baselines.items():
         ev = d.first_event(name)
         detail = "not logged" if b.get("logged") is False else ("no alarm" if ev is None else f"`{ev.key}`")

@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # transformers is slow to import; only needed for annotations
 
 # Canonical role order; role_of() returns the first matching role in this order.
 ROLES: tuple[str, ...] = (
-    "tool_open", "tool_close", "end_of_turn", "end_of_message", "eos", "turn_start",
+    "tool_open", "tool_close", "end_of_turn", "end_of_message", "eos", "turn_open",
     "tool_response_open", "tool_response_close", "json_open", "json_close", "newline",
 )
 # Candidate strings per tag role, most specific first (Qwen/Hermes, Llama-3.1, Mistral, Gemma, Phi-3).
@@ -26,7 +26,7 @@ CANDIDATES: dict[str, tuple[str, ...]] = {
     "tool_close": ("</tool_call>",),
     "end_of_turn": ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>"),
     "end_of_message": ("<|eom_id|>",),
-    "turn_start": ("<|im_start|>", "<|start_header_id|>", "[INST]", "<start_of_turn>"),
+    "turn_open": ("<|im_start|>", "<|start_header_id|>", "[INST]", "<start_of_turn>"),
     "tool_response_open": ("<tool_response>", "[TOOL_RESULTS]"),
     "tool_response_close": ("</tool_response>", "[/TOOL_RESULTS]"),
 }
@@ -227,7 +227,7 @@ def resolve_control_tokens(tokenizer: PreTrainedTokenizerBase, overrides: dict[s
     if ct.strings.get("tool_open") in ("<|python_tag|>", "[TOOL_CALLS]") and "tool_close" in ct.unresolved:
         ct.unresolved["tool_close"] = (f"no closing tag in this format (tool_open is {ct.strings['tool_open']!r}); "
                                        "the call ends at end_of_message/end_of_turn")
-    if ct.strings.get("turn_start") == "<|start_header_id|>" or "ipython" in template:
+    if ct.strings.get("turn_open") == "<|start_header_id|>" or "ipython" in template:
         for role in ("tool_response_open", "tool_response_close"):
             if role in ct.unresolved:
                 ct.unresolved[role] = "Llama-3 returns tool results in an 'ipython' role header, not a tag"

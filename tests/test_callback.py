@@ -16,6 +16,7 @@ from collapse_probe import CollapseProbeCallback
 from collapse_probe.formats.classify import state_mix
 from collapse_probe.errors import UserError
 from collapse_probe.runlog import read_records
+from collapse_probe.schema import Position, Source, cp_count_key, cp_key
 from collapse_probe.train import tiny
 from collapse_probe import world
 
@@ -190,6 +191,13 @@ def _check_records(metrics: Path, trainer: str) -> list[dict]:
     return recs
 
 
+def _check_on_policy(trained: list[dict]) -> None:
+    """The callback alone (no user code) wrote on-policy numbers for every trained step."""
+    count = cp_count_key(Source.ROLLOUT.value, Position.TURN_START.value)
+    key = cp_key(Source.ROLLOUT.value, Position.TURN_START.value, "tool_open")
+    assert all(r.get(count, 0) > 0 and 0 <= r[key] <= 1 for r in trained)
+
+
 @pytest.mark.slow
 def test_hf_trainer_example(tmp_path):
     out = tmp_path / "hf"
@@ -213,7 +221,32 @@ def test_trl_grpo_example(tmp_path):
     trained = [r for r in recs if r["step"] > 0]
     assert len(trained) == 4 and all(0 <= r["reward/mean"] <= 1 and "reward" in r for r in trained)
     assert all("entropy" in r and "loss" in r for r in trained)
+    _check_on_policy(trained)
     if list((out / "trainer" / "completions").glob("*.parquet")):  # TRL logged completions: classified
         for r in trained:
             fmt = {k: v for k, v in r.items() if k.startswith("fmt/") and "/reason/" not in k}
             assert len(fmt) == 4 and math.isclose(sum(fmt.values()), 1.0)
+
+
+@pytest.mark.slow
+def test_trl_grpo_tools_example(tmp_path):
+    """Multi-turn GRPO through TRL's own tool loop (`tools=`): tool calls ran, on-policy numbers every step."""
+    out = tmp_path / "tools"
+    _run_example("trl_grpo_tools_callback.py", out, "--steps", "3", "--every", "3")
+    recs = _check_records(out / "trainer" / "collapse_probe" / "metrics.jsonl", "GRPOTrainer")
+    trained = [r for r in recs if r["step"] > 0]
+    assert len(trained) == 3 and all(r["tools/call_frequency"] > 0 for r in trained)
+    _check_on_policy(trained)
+    after_open = cp_count_key(Source.ROLLOUT.value, Position.AFTER_OPEN.value)
+    assert all(r[after_open] > 0 for r in trained)  # the policy's own calls are decision positions
+
+
+@pytest.mark.slow
+def test_sft_trainer_example(tmp_path):
+    out = tmp_path / "sft"
+    _run_example("sft_trainer_callback.py", out, "--steps", "4", "--every", "2")
+    recs = _check_records(out / "trainer" / "collapse_probe" / "metrics.jsonl", "SFTTrainer")
+    assert [r["step"] for r in recs if KEY in r] == [0, 2, 4]
+    trained = [r for r in recs if r["step"] > 0]
+    assert len(trained) == 4 and all("loss" in r for r in trained)
+    _check_on_policy(trained)

@@ -159,7 +159,7 @@ def test_reworded_and_renamed_tools_content():
 
 # ------------------------------------------------------------------------------------------------ masking
 def _roles() -> ControlTokens:
-    ids = {"tool_open": 1, "newline": 2, "tool_close": 3, "end_of_turn": 4, "eos": 4, "json_open": 5, "turn_start": 6}
+    ids = {"tool_open": 1, "newline": 2, "tool_close": 3, "end_of_turn": 4, "eos": 4, "json_open": 5, "turn_open": 6}
     return ControlTokens(ids=ids, strings={k: k for k in ids})
 
 
@@ -192,9 +192,9 @@ def test_observer_and_spiking_roles():
     assert probs["after_open"]["json_open"] > 0.99 and probs["after_open"]["end_of_turn"] < 1e-6
     picked, best = spiking_roles(roles, onpolicy=probs)
     assert picked == ["end_of_turn"] and "eos" not in best  # shared id reported once, under the canonical role
-    picked, _ = spiking_roles(roles, probe={"cp/probe/after_open/json_open": 0.9, "cp/probe/after_open/turn_start": 0.2,
+    picked, _ = spiking_roles(roles, probe={"cp/probe/after_open/json_open": 0.9, "cp/probe/after_open/turn_open": 0.2,
                                             "cp/probe/after_open/newline": 0.5, "cp/probe/after_open/count": 16.0})
-    assert picked == ["turn_start"]
+    assert picked == ["turn_open"]
     assert format_spread({"a": {"content_accuracy": 0.9}, "b": {"content_accuracy": 0.25}}) == pytest.approx(0.65)
 
 

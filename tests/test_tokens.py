@@ -93,7 +93,7 @@ def mistral():
 def test_qwen_resolves_real_ids(qwen):
     ct = resolve_control_tokens(qwen)
     assert ct.ids == {
-        "tool_open": 151657, "tool_close": 151658, "end_of_turn": 151645, "eos": 151645, "turn_start": 151644,
+        "tool_open": 151657, "tool_close": 151658, "end_of_turn": 151645, "eos": 151645, "turn_open": 151644,
         "json_open": 4913, "json_close": 11248, "newline": 198,
     }
     assert ct.strings["json_open"] == '{"'
@@ -154,7 +154,7 @@ def test_llama_roles(llama):
     assert ct.ids["tool_open"] == base + 10 and ct.strings["tool_open"] == "<|python_tag|>"
     assert ct.ids["end_of_turn"] == base + 9 == ct.ids["eos"]
     assert ct.ids["end_of_message"] == base + 8
-    assert ct.ids["turn_start"] == base + 6
+    assert ct.ids["turn_open"] == base + 6
     assert "no closing tag" in ct.unresolved["tool_close"]
     assert "ipython" in ct.unresolved["tool_response_open"] and "ipython" in ct.unresolved["tool_response_close"]
     assert ct.ids["newline"] == tok.convert_tokens_to_ids("Ċ")
@@ -180,7 +180,7 @@ def test_llama_template(llama):
 def test_mistral_roles(mistral):
     ct = resolve_control_tokens(mistral)
     assert ct.ids["tool_open"] == 5 and ct.strings["tool_open"] == "[TOOL_CALLS]"
-    assert ct.ids["turn_start"] == 3
+    assert ct.ids["turn_open"] == 3
     assert ct.ids["end_of_turn"] == 2 == ct.ids["eos"]
     assert ct.ids["tool_response_open"] == 8 and ct.ids["tool_response_close"] == 9
     assert "no closing tag" in ct.unresolved["tool_close"]

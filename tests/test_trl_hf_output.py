@@ -54,3 +54,70 @@ def test_cli_analyze_on_a_trl_output_dir_without_our_callback(tmp_path):
     assert out["kind"] == "hf_output" and out["collapsed"] is True and out["collapse_step"] == 22
     res = CliRunner().invoke(app, ["analyze", str(run), "--fail-on", "collapse"])
     assert res.exit_code == 3 and "HF/TRL output dir" in res.stdout
+
+
+def _example():
+    """examples/trl_grpo_callback.py as a module (its base model builder and tool-call reward)."""
+    import importlib.util
+    from pathlib import Path
+
+    f = Path(__file__).resolve().parents[1] / "examples" / "trl_grpo_callback.py"
+    spec = importlib.util.spec_from_file_location("trl_grpo_callback_example", f)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cli_analyze_on_a_real_trl_run_without_our_callback(tmp_path, monkeypatch):
+    """A real (tiny, CPU) GRPOTrainer run with no CollapseProbeCallback: TRL's completions parquet, a checkpoint's
+    trainer_state.json and TensorBoard events are all `analyze` gets."""
+    pytest.importorskip("tensorboard")
+    torch = pytest.importorskip("torch")
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+    from typer.testing import CliRunner
+
+    from collapse_probe.cli import app
+
+    monkeypatch.delenv("RANK", raising=False)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ex = _example()
+        model_path = ex.build_base_model(tmp_path / "base_model")
+        prompts = [[{"role": "system", "content": world.system_prompt()}, {"role": "user", "content": t.question}]
+                   for t in world.task_split("train", 16)]
+        out = tmp_path / "trainer"
+        args = GRPOConfig(
+            output_dir=str(out), max_steps=3, per_device_train_batch_size=4, num_generations=4,
+            max_completion_length=16, temperature=1.0, learning_rate=1e-3, beta=0.0, logging_steps=1,
+            log_completions=True, num_completions_to_print=1, save_strategy="steps", save_steps=3,
+            report_to="tensorboard", use_cpu=True, bf16=False, gradient_checkpointing=False,
+            dataloader_num_workers=0, disable_tqdm=True, seed=0)
+        trainer = GRPOTrainer(model=str(model_path), reward_funcs=ex.tool_call_reward, args=args,
+                              train_dataset=Dataset.from_dict({"prompt": prompts}),
+                              processing_class=AutoTokenizer.from_pretrained(model_path))
+        assert not any(type(c).__name__ == "CollapseProbeCallback" for c in trainer.callback_handler.callbacks)
+        trainer.train()
+    finally:
+        torch.set_num_threads(n)
+    assert (out / "checkpoint-3" / "trainer_state.json").is_file() and not (out / "collapse_probe").exists()
+    assert sorted(p.name for p in (out / "completions").glob("*.parquet")) == [
+        f"completions_{s:05d}.parquet" for s in (1, 2, 3)]
+    assert list(out.rglob("events.out.tfevents.*"))
+
+    recs = read_hf_output(out)
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    for r in recs:
+        assert 0 <= r["reward/mean"] <= 1 and r["reward/mean"] == r["reward"] and "reward/std" in r
+        assert "entropy" in r and "grad_norm" in r
+        assert any(k.startswith("fmt/") for k in r)  # the format mix of TRL's logged completions
+        assert abs(sum(v for k, v in r.items() if k.startswith("fmt/") and k.count("/") == 1) - 1) < 1e-6
+
+    res = CliRunner().invoke(app, ["analyze", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    verdict = json.loads(res.stdout)
+    assert verdict["kind"] == "hf_output" and verdict["path"] == str(out)
+    assert verdict["steps"] == 3 and verdict["first_step"] == 1 and verdict["last_step"] == 3
+    assert isinstance(verdict["collapsed"], bool) and "summary" not in verdict

@@ -49,3 +49,36 @@ def test_cp_scalars_in_tensorboard_event_files(tmp_path):
     shutil.rmtree(tmp_path / "out" / "collapse_probe")
     recs = {r["step"]: r for r in read_hf_output(tmp_path / "out")}
     assert 0 <= recs[1]["cp/rollout/after_open/end_of_turn"] <= 1 and "reward/mean" in recs[1]
+
+
+def test_cp_scalars_in_trackio_local_db(tmp_path, monkeypatch):
+    """report_to="trackio": trackio (local-first) writes the Trainer's logs, ours among them, to a local SQLite
+    file under TRACKIO_DIR; nothing is uploaded (no Space id)."""
+    import sys
+
+    pytest.importorskip("trackio")
+    store = tmp_path / "trackio"
+    monkeypatch.setenv("TRACKIO_DIR", str(store))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for var in ("TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL", "TRACKIO_REGISTRY_BUCKET_ID"):
+        monkeypatch.delenv(var, raising=False)
+    for mod in [m for name, m in sys.modules.items() if name == "trackio" or name.startswith("trackio.")]:
+        if hasattr(mod, "TRACKIO_DIR"):  # read once at import: point every copy at the test's dir
+            monkeypatch.setattr(mod, "TRACKIO_DIR", store)
+    path = base_model(tmp_path / "base")
+    args: GRPOConfig = grpo_args(tmp_path / "out", 2, report_to="trackio", project="cp-test", run_name="r1")
+    trainer = RecordingGRPO(model=str(path), reward_funcs=reward, args=args, train_dataset=prompts(),
+                            processing_class=tiny.build_tokenizer(), callbacks=[CollapseProbeCallback(every=1)])
+    trainer.refs = {}
+    trainer.train()
+    from trackio.sqlite_storage import SQLiteStorage
+
+    assert list(store.glob("*.db")), f"no trackio DB under {store}"
+    rows = SQLiteStorage.get_logs("cp-test", "r1")  # trackio's own reader of its project DB
+    logs = [r for r in rows if "train/cp/rollout/after_open/end_of_turn" in r]
+    assert [r["train/global_step"] for r in logs] == [1, 2]  # every step, in the rows with TRL's own
+    for r in logs:  # the Trainer's rewrite_logs puts "train/" in front
+        assert 0 <= r["train/cp/rollout/after_open/end_of_turn"] <= 1 and "train/reward" in r
+        assert r["train/cp/probe/after_open/count"] > 0
+    ours = {k for k in logs[0] if k.startswith(("train/cp/rollout/", "train/cp/probe/", "train/gp/"))}
+    assert len(ours) > 20

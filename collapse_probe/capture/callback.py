@@ -16,6 +16,7 @@ of the completions TRL logs with `log_completions=True`. Records go to `OUTPUT_D
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -309,11 +310,16 @@ def _run_first(cb: TrainerCallback, trainer: Any) -> None:
     callbacks.insert(0, cb)
 
 
+@functools.lru_cache(maxsize=4096)
+def _ours(key: str) -> bool:
+    """A `cp/` or `gp/` key (parsed once per key: every step repeats the same few hundred)."""
+    return bool(parse_cp_key(key) or parse_gp_key(key))
+
+
 def _report(logs: dict, record: dict) -> None:
     """Our finite numeric `cp/` and `gp/` keys of the step into the Trainer's logs dict."""
     for k, v in record.items():
-        if (parse_cp_key(k) or parse_gp_key(k)) and isinstance(v, (int, float)) and math.isfinite(v) \
-                and k not in logs:
+        if isinstance(v, (int, float)) and k not in logs and _ours(k) and math.isfinite(v):
             logs[k] = v
 
 

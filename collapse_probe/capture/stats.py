@@ -19,6 +19,7 @@ and never syncs until `DeferredStats.resolve()`.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Mapping, Sequence
 
@@ -110,6 +111,14 @@ class DeferredStats:
         return rec
 
 
+@functools.lru_cache(maxsize=256)
+def _key_names(source: str, kind: str, roles: tuple[str, ...], pressure: bool) -> tuple[str, ...]:
+    """The record keys of one position kind, in `_gather`'s value order (built once, not every step)."""
+    if pressure:
+        return tuple(gp_key(kind, role, part) for part in (Part.CHOSEN, Part.OTHER) for role in roles)
+    return (cp_entropy_key(source, kind),) + tuple(cp_key(source, kind, role) for role in roles)
+
+
 def _mean_rows(x: torch.Tensor, valid: torch.Tensor | None, denom: torch.Tensor | float) -> torch.Tensor:
     """Mean over rows (dim 0); padding rows of a fixed-size selection have weight 0 in `valid`."""
     return x.mean(0) if valid is None else (x * (valid if x.dim() == 1 else valid[:, None])).sum(0) / denom
@@ -141,7 +150,7 @@ def _gather(scores: torch.Tensor | RowReader, ids: torch.Tensor, rows: Mapping[s
         got = read(r, c).float()  # [M, V]: only decision rows, a small slice
         logp = got if is_logp else got - torch.logsumexp(got, dim=-1, keepdim=True)
         p = logp.index_select(-1, cols).exp()  # [M, K]
-        names = [cp_entropy_key(source, kind)] + [cp_key(source, kind, role) for role in roles]
+        names = list(_key_names(source, kind, tuple(roles), False))
         parts = [_mean_rows(-(logp.exp() * logp).sum(-1), valid, denom)[None], _mean_rows(p, valid, denom)]
         if adv_all is not None:
             # adv * (1[k = sampled] - p_k): the push on logit k, split by whether the sample chose k
@@ -149,8 +158,7 @@ def _gather(scores: torch.Tensor | RowReader, ids: torch.Tensor, rows: Mapping[s
             adv = adv_all[r][:, None] if valid is None else adv_all[r][:, None] * valid[:, None]
             chose = (sampled[:, None] == cols[None, :]).float()
             push = adv * (chose - p)
-            names += [gp_key(kind, role, Part.CHOSEN) for role in roles]
-            names += [gp_key(kind, role, Part.OTHER) for role in roles]
+            names += _key_names(source, kind, tuple(roles), True)
             parts += [(push * chose).sum(0) / denom, (push * (1 - chose)).sum(0) / denom]
         keys += names
         kinds += [kind] * len(names)
@@ -202,20 +210,29 @@ def position_stats_deferred(scores: torch.Tensor, ids: torch.Tensor, gen_mask: t
     return _gather(scores, ids, rows, role_ids, is_logp=is_logp, source=source, advantages=advantages)
 
 
-def _weight(key: str, stats: Mapping[str, float], source: str) -> float | None:
-    """None for a count (summed); else the number of positions the key's mean is taken over."""
+@functools.lru_cache(maxsize=4096)
+def _weight_key(key: str, source: str) -> tuple[bool, str | None]:
+    """(summed, the key holding the count the mean is over); parsed once per key, as every step repeats them."""
     cap = parse_cp_key(key)
     if cap is not None:
         count = cp_count_key(cap.source, cap.position)
-        return None if key == count else float(stats.get(count, 0.0))
+        return key == count, count
     gp = parse_gp_key(key)
     if gp is not None:
-        return float(stats.get(cp_count_key(source, gp.position), 0.0))
+        return False, cp_count_key(source, gp.position)
     seq = parse_sequence_key(key)
     if seq is not None:
         tokens = sequence_tokens_key(seq[0])
-        return None if key == tokens else float(stats.get(tokens, 0.0))
-    return 1.0
+        return key == tokens, tokens
+    return False, None
+
+
+def _weight(key: str, stats: Mapping[str, float], source: str) -> float | None:
+    """None for a count (summed); else the number of positions the key's mean is taken over."""
+    summed, count = _weight_key(key, source)
+    if summed:
+        return None
+    return 1.0 if count is None else float(stats.get(count, 0.0))
 
 
 class RecordMeans:

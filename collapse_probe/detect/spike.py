@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from collections import deque
 
-import numpy as np
-
 from collapse_probe.detect.event import (
     Event, StreamingDetector, direction_sign, finite_or_none, inverse_transform, transform_values,
 )
@@ -25,6 +23,13 @@ CONTROL_SPIKE_DEFAULTS = dict(z_threshold=3.0, persistence=2, abs_threshold=0.3,
 # exactly 0, so clip at 0.5% (not 1e-6) and demand at least 5% broken turns.
 BREAKAGE_DEFAULTS = dict(eps=0.005, abs_threshold=0.3, abs_baseline=0.1, min_value=0.05)
 
+
+
+def _median(values) -> float:
+    """np.median's value (the mean of the two middle values for an even count), without numpy's overhead."""
+    s = sorted(values)
+    m = len(s) // 2
+    return float(s[m]) if len(s) % 2 else (s[m - 1] + s[m]) / 2
 
 
 class OnlineSpikeDetector(StreamingDetector):
@@ -79,9 +84,9 @@ class OnlineSpikeDetector(StreamingDetector):
         self.events_ = []
 
     def _baseline(self) -> tuple[float, float]:
-        h = np.fromiter(self._hist, dtype="float64")
-        med = float(np.median(h))
-        mad = float(np.median(np.abs(h - med))) * 1.4826
+        # plain-Python medians: the window is short and numpy's per-call overhead dominated the live callback's step
+        med = _median(self._hist)
+        mad = _median([abs(x - med) for x in self._hist]) * 1.4826
         return med, max(mad, self.min_scale)
 
     def _abs_guard(self, raw: float, base: float) -> bool:

@@ -102,7 +102,8 @@ def build_model(tokenizer: PreTrainedTokenizerBase, size: str = "small", seed: i
 
 
 @contextmanager
-def _quiet_transformers():
+def quiet_transformers():
+    """transformers' progress bars and load reports off (our own bars say what is happening)."""
     from transformers.utils import logging as hf_logging
 
     bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
@@ -120,7 +121,7 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreT
     """A tokenizer from a local directory or the local hub cache (never the network); any failure is one
     UserError line."""
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code,
                                                  local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - OSError, ValueError, tokenizers' own errors on bad files, ...
@@ -146,7 +147,7 @@ def load_pretrained(path: str | Path, *, trust_remote_code: bool = False):
         check_weights(p)  # missing, cut or lying weight files: refused from their headers
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     try:
-        with _quiet_transformers():  # its load report and bars would break the one-line error
+        with quiet_transformers():  # its load report and bars would break the one-line error
             model, info = AutoModelForCausalLM.from_pretrained(
                 path, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch.float32,
                 local_files_only=True, output_loading_info=True)

@@ -213,8 +213,9 @@ def save_checkpoint(model, tok, out: Path, step: int) -> Path:
     """`checkpoint-N/` in the Hugging Face layout (safetensors), plus a small trainer_state.json."""
     path = out / f"checkpoint-{step}"
     tmp = out / f".tmp-checkpoint-{step}"
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    with tiny.quiet_transformers():
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     (tmp / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     if path.exists():
         import shutil
