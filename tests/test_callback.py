@@ -24,20 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 KEY = "cp/probe/after_open/end_of_turn"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model's ops are small: one thread avoids thread-pool contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _rank0(monkeypatch):
-    monkeypatch.delenv("RANK", raising=False)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return tiny.build_tokenizer()

@@ -22,11 +22,6 @@ from collapse_probe.timeline import Timeline
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _rank0(monkeypatch):
-    monkeypatch.delenv("RANK", raising=False)
-
-
 def test_round_trip_nan_inf_numpy_tensor(tmp_path):
     with RunLog(tmp_path) as log:
         log.append({"step": np.int64(3), "a": math.nan, "b": math.inf, "c": -math.inf, "d": np.float32(0.5),

@@ -3,7 +3,6 @@ on-policy capture on a trainer that returns logits (HF `Trainer`, labels = assis
 
 import math
 
-import pytest
 import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
@@ -15,19 +14,6 @@ from collapse_probe.train import tiny
 from collapse_probe import world
 
 SPIKE = cp_key("rollout", "after_open", "end_of_turn")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _rank0(monkeypatch):
-    monkeypatch.delenv("RANK", raising=False)
 
 
 def collapsing(step: int) -> dict:

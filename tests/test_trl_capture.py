@@ -19,19 +19,6 @@ from collapse_probe import world
 TEMPERATURE = 0.7
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _rank0(monkeypatch):
-    monkeypatch.delenv("RANK", raising=False)
-
-
 def base_model(path: Path) -> Path:
     if not (path / "config.json").is_file():
         tok = tiny.build_tokenizer()

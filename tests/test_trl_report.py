@@ -1,7 +1,6 @@
 """Our keys reach the Trainer's own reporters: TensorBoard event files read back with tensorboard's reader."""
 
 import pytest
-import torch
 from trl import GRPOConfig
 
 from collapse_probe import CollapseProbeCallback
@@ -9,15 +8,6 @@ from collapse_probe.train import tiny
 from tests.test_trl_capture import RecordingGRPO, base_model, grpo_args, prompts, reward
 
 pytest.importorskip("tensorboard")
-
-
-@pytest.fixture(autouse=True)
-def _rank0(monkeypatch):
-    monkeypatch.delenv("RANK", raising=False)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_cp_scalars_in_tensorboard_event_files(tmp_path):
