@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/collapse-probe demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest
 
 clean:
 	rm -rf $(VENV) .pytest_cache
