@@ -8,7 +8,7 @@ A record is a flat dict with `"step": int`, `"time": float` and '/'-separated ke
     cp/{source}/entropy               mean token entropy over the whole sequence
     gp/{position}/{role}/{part}       gradient pressure adv * (1[k = sampled] - p_k), part "chosen" or "other"
     fmt/{state}                       fraction of sampled assistant turns in each format state
-    fmt/reason/{code}                 fraction of turns with each reason code (codes: formats.classify)
+    fmt/reason/{code}                 fraction of turns with each reason code (codes: formats.reasons)
 
 plus the trainer metrics named below (`success`, `reward/mean`, ...). Role names come from tokens.py.
 """

@@ -5,7 +5,7 @@ file (ours or verl's file logger). The file is followed with `runlog.tail_record
 their newline; a truncated or replaced file is read again from the top) and every record goes through
 `RunWatcher.feed`, which de-duplicates by step and handles restarted runs:
 
-* a step after the last one processed is new: it goes to the `OnlineMonitor`;
+* a step after the last one processed is new: it goes to the `CollapseMonitor` (detect/monitor.py);
 * a step at or before it is a line already seen (same content) or an older line read again (its `time` is not
   later than the newest record processed): ignored;
 * a newer line for the last step adds keys to it (e.g. eval metrics logged after the train metrics): merged;
