@@ -72,6 +72,18 @@ LR = "lr"
 PHASE = "phase"
 EVAL_SUCCESS = "eval/success"
 STEP_TIME = "time/step_s"
+
+# Other trainers' names for our metrics, read when ours are absent (verl's file logger; TRL's are mapped on read
+# by integrations/hf_output.py). verl's `critic/score/mean` is the mean outcome score: success under 0/1 rewards.
+METRIC_ALIASES: dict[str, tuple[str, ...]] = {
+    SUCCESS: ("critic/score/mean",), REWARD_MEAN: ("critic/rewards/mean",), ENTROPY: ("actor/entropy",),
+    GRAD_NORM: ("actor/grad_norm",), KL: ("actor/ppo_kl",),
+}
+
+
+def metric_keys(name: str) -> tuple[str, ...]:
+    """`name` and the other trainers' names for it, in the order they are read."""
+    return (name, *METRIC_ALIASES.get(name, ()))
 PROBE_TIME = "time/probe_s"  # seconds the callback spent scoring the probe set at that step
 # What the callback's monitor said and did at a step (strings: an alert's key, a checkpoint folder's name)
 ALERT = "monitor/alert"                  # the key of the warning (control-token or format) raised at this step

@@ -94,10 +94,12 @@ class Timeline:
         return self._df.copy()
 
     def series(self, key: str) -> pd.Series:
-        """Float series of `key` on all steps; non-numeric entries and a missing key give NaN."""
+        """Float series of `key` on all steps (or of another trainer's name for it, schema.METRIC_ALIASES);
+        non-numeric entries and a missing key give NaN."""
         if key not in self._num:
-            if key in self._df.columns:
-                s = pd.to_numeric(self._df[key], errors="coerce").astype("float64")
+            col = next((k for k in schema.metric_keys(key) if k in self._df.columns), None)
+            if col is not None:
+                s = pd.to_numeric(self._df[col], errors="coerce").astype("float64")
             else:
                 s = pd.Series(np.nan, index=self._df.index, dtype="float64")
             s.name = key
@@ -106,7 +108,8 @@ class Timeline:
 
     def has(self, key: str) -> bool:
         """True when `key` was logged with at least one finite value."""
-        return key in self._df.columns and bool(np.isfinite(self.series(key).to_numpy()).any())
+        return any(k in self._df.columns for k in schema.metric_keys(key)) and \
+            bool(np.isfinite(self.series(key).to_numpy()).any())
 
     # ---- control-token captures ---------------------------------------------------------------
     def _captures(self) -> list[schema.CaptureKey]:

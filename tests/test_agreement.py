@@ -93,3 +93,24 @@ def test_watch_and_analyze_agree(tmp_path, kind, seed, records):
         assert analysed["collapse_step"] <= 4
     if kind == "contained":
         assert analysed["spike_step"] is not None  # the spike is seen, and it is not called a collapse
+
+
+def test_verl_file_logger_names_are_read(tmp_path):
+    """verl's file logger (`{"step": N, "data": {...}}`, its own metric names): the score drop and the peer
+    baselines are read from verl's keys, and watch and analyze agree on it."""
+    f = tmp_path / "verl" / "exp.jsonl"
+    f.parent.mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for s in range(1, 41):
+        score = 0.62 if s < 20 else 0.02
+        lines.append(json.dumps({"step": s, "data": {"critic/score/mean": score + rng.normal(0, 0.01),
+                                                     "actor/entropy": 0.8 + rng.normal(0, 0.01),
+                                                     "actor/grad_norm": 1.0 + rng.normal(0, 0.02)}}))
+    f.write_text("\n".join(lines) + "\n")
+    a = json.loads(runner.invoke(app, ["analyze", str(f), "--json"]).stdout)
+    w = json.loads(runner.invoke(app, ["watch", str(f), "--once", "--json"]).stdout.strip().splitlines()[-1])
+    assert a["collapse_step"] == 20 == w["collapse_step"]
+    assert a["baselines"]["entropy_drop"]["logged"] and a["baselines"]["grad_norm_spike"]["logged"]
+    # no format or control-token signal in a bare verl log: a reward drop, not (yet) a confirmed collapse
+    assert a["collapsed"] is False and a["collapse_reason"] is None

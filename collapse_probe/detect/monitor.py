@@ -57,9 +57,18 @@ def broken_fraction(record: Mapping) -> float | None:
     return None if valid is None else 1.0 - valid
 
 
+def metric_value(record: Mapping, name: str) -> float | None:
+    """`record[name]`, or the first finite value under another trainer's name for it (schema.METRIC_ALIASES)."""
+    for key in schema.metric_keys(name):
+        v = finite_or_none(record.get(key))
+        if v is not None:
+            return v
+    return None
+
+
 def success_value(record: Mapping) -> float | None:
-    s = finite_or_none(record.get(schema.SUCCESS))
-    return s if s is not None else finite_or_none(record.get(schema.REWARD_MEAN))
+    s = metric_value(record, schema.SUCCESS)
+    return s if s is not None else metric_value(record, schema.REWARD_MEAN)
 
 
 class CollapseMonitor:
@@ -135,7 +144,7 @@ class CollapseMonitor:
         broken = broken_fraction(record)
         feed(self.breakage, broken)
         for name, det in self.baselines.items():
-            val = finite_or_none(record.get(det.key))
+            val = metric_value(record, det.key)
             if val is None and name == "entropy_drop":
                 val = finite_or_none(record.get(schema.sequence_entropy_key(self.source)))
             feed(det, val)
