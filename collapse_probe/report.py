@@ -40,11 +40,12 @@ def default_report_dir(path: str | os.PathLike) -> Path:
 
 
 def plot_run(run_dir: str | os.PathLike, out_stem: str | os.PathLike | None = None, *, verdict=None,
-             title: str | None = None) -> tuple[list[Path], object]:
-    """Timeline + verdict + figure; returns (paths of pdf/svg/png, verdict)."""
+             title: str | None = None, timeline: Timeline | None = None) -> tuple[list[Path], object]:
+    """Timeline + verdict + figure; returns (paths of pdf/svg/png, verdict). Pass `timeline` when the run is
+    already read (the report does), so it is not read twice."""
     from collapse_probe.plots import plot_timeline
 
-    tl = Timeline.from_run(run_dir)
+    tl = timeline if timeline is not None else Timeline.from_run(run_dir)
     verdict = verdict if verdict is not None else replay(tl.records())
     stem = Path(out_stem) if out_stem is not None else default_report_dir(run_dir) / "timeline"
     if stem.suffix.lower() in (".pdf", ".svg", ".png"):
@@ -148,7 +149,7 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
     tl = Timeline.from_run(run_dir)
     f = printable(tl.path)
     out = Path(out_dir) if out_dir is not None else default_report_dir(run_dir)
-    paths, verdict = plot_run(run_dir, out / "timeline", verdict=verdict)
+    paths, verdict = plot_run(run_dir, out / "timeline", verdict=verdict, timeline=tl)
     name = run_name(run_dir)
     span = f"steps {int(tl.steps[0])}..{int(tl.steps[-1])} ({len(tl)} logged)"
     caps = ", ".join(f"{s} ({', '.join(tl.positions(s))})" for s in tl.sources()) or "none"
