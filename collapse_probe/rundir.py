@@ -4,9 +4,10 @@
     RUN_DIR/rollouts/step_NNNNNN.jsonl sampled rollouts
     RUN_DIR/config.json                the run's config
     RUN_DIR/checkpoint-N/              HF Trainer / TRL / our trainer checkpoints (safetensors)
-    RUN_DIR/global_step_N/actor/huggingface/   verl checkpoints saved with HF weights
+    RUN_DIR/global_step_N/actor/huggingface/   verl checkpoints (root, global_step_N, its actor/ or huggingface/)
+    RUN_DIR/{project}/{experiment}.jsonl       verl's file logger (found a few levels down, verl_files.scan)
 
-Every command finds files through this module; new layouts (verl's logs, other trainers) slot in here.
+Every command finds files through this module; verl's layouts are recognised by verl_files.py.
 """
 
 from __future__ import annotations
@@ -15,17 +16,25 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from collapse_probe.errors import UserError
+from collapse_probe.verl_files import (
+    Layout,
+    VerlCheckpoint,
+    checkpoint_dirs,
+    missing_weights_hint,
+    scan,
+)
 
-__all__ = ["RunDir", "Checkpoint", "find_checkpoints", "METRICS_FILE"]
+__all__ = ["METRICS_FILE", "Checkpoint", "RunDir", "find_checkpoints", "usable_checkpoints"]
 
 METRICS_FILE = "metrics.jsonl"
 CALLBACK_DIR = "collapse_probe"  # what CollapseProbeCallback writes under an HF/TRL output_dir
 ROLLOUTS_DIR = "rollouts"
-_HINT = "pass a run directory written by collapse-probe or a JSONL metrics file"
+_HINT = "pass a run directory written by collapse-probe, a JSONL metrics file or verl's {project}/{experiment}.jsonl"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 _VERL_RE = re.compile(r"^global_step_(\d+)$")
 _FINGERPRINTED = ("config.json", "model.safetensors.index.json")
@@ -35,6 +44,7 @@ _FINGERPRINTED = ("config.json", "model.safetensors.index.json")
 class Checkpoint:
     step: int
     path: Path
+    verl: VerlCheckpoint | None = None  # set for verl's global_step_N (path is its actor/huggingface/)
 
     def fingerprint(self) -> str:
         """Size and mtime of the weight and config files (what changes when a checkpoint is rewritten)."""
@@ -54,23 +64,36 @@ def _trainer_state_step(p: Path) -> int:
 
 
 def find_checkpoints(path: str | os.PathLike) -> list[Checkpoint]:
-    """Checkpoints under `path` (or `path` itself when it is one save_pretrained dir), sorted by step."""
+    """Checkpoints under `path` (or `path` itself when it is one save_pretrained dir), sorted by step. verl
+    checkpoints come in every accepted form (verl_files.checkpoint_dirs), with or without HF weights: see
+    `usable_checkpoints`."""
     path = Path(path)
-    found: dict[int, Path] = {}
+    found: dict[int, Checkpoint] = {}
     for d in path.iterdir() if path.is_dir() else []:
-        if not d.is_dir():
-            continue
         m = _CKPT_RE.match(d.name)
-        if m:
-            found[int(m.group(1))] = d
-            continue
-        m = _VERL_RE.match(d.name)
-        if m and (d / "actor" / "huggingface").is_dir():
-            found[int(m.group(1))] = d / "actor" / "huggingface"
+        if m and d.is_dir():
+            found[int(m.group(1))] = Checkpoint(int(m.group(1)), d)
+    if not found:
+        found = {ck.step: Checkpoint(ck.step, ck.hf, ck) for ck in checkpoint_dirs(path)}
     if not found and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         m = _CKPT_RE.match(path.name) or _VERL_RE.match(path.name)
-        found[int(m.group(1)) if m else _trainer_state_step(path)] = path
-    return [Checkpoint(s, found[s]) for s in sorted(found)]
+        step = int(m.group(1)) if m else _trainer_state_step(path)
+        found[step] = Checkpoint(step, path)
+    return [found[s] for s in sorted(found)]
+
+
+def usable_checkpoints(ckpts: list[Checkpoint]) -> list[Checkpoint]:
+    """The checkpoints with weights to load. verl checkpoints saved without HF weights are left out with one
+    warning; when none has weights, a UserError naming the two fixes (save_contents hf_model, verl.model_merger)."""
+    ok = [c for c in ckpts if c.verl is None or c.verl.has_weights]
+    lacking = [c.verl for c in ckpts if c.verl is not None and not c.verl.has_weights]
+    if lacking and not ok:
+        raise UserError(missing_weights_hint(lacking[0]))
+    if lacking:
+        steps = ", ".join(str(c.step) for c in lacking[:5]) + (", ..." if len(lacking) > 5 else "")
+        warnings.warn(f"skipped {len(lacking)} verl checkpoint(s) without HF weights (steps {steps}); "
+                      + missing_weights_hint(lacking[0]).split(": ", 1)[1], stacklevel=2)
+    return ok
 
 
 class RunDir:
@@ -83,6 +106,7 @@ class RunDir:
             self.root = self.given.parent.parent if self.given.parent.name == CALLBACK_DIR else self.given.parent
         else:
             self.root = self.given
+        self._layout: Layout | None = None
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.given)!r})"
@@ -96,17 +120,34 @@ class RunDir:
         return [self.root, self.root / CALLBACK_DIR]
 
     @property
+    def layout(self) -> Layout:
+        """verl's files under the run's directory (scanned once, only when asked)."""
+        if self._layout is None:
+            self._layout = scan(self.root) if self.root.is_dir() and not self.given.is_file() else Layout()
+        return self._layout
+
+    @property
     def metrics_path(self) -> Path | None:
-        """The metrics file, or None when there is none (yet)."""
+        """The metrics file (ours, a callback's, or verl's file logger), or None when there is none (yet). Two
+        verl logs under one directory (two experiments) are a UserError: which run is meant cannot be told."""
         if self.given.is_file():
             return self.given
-        return next((d / METRICS_FILE for d in self._data_dirs() if (d / METRICS_FILE).is_file()), None)
+        ours = next((d / METRICS_FILE for d in self._data_dirs() if (d / METRICS_FILE).is_file()), None)
+        if ours is not None:
+            return ours
+        logs = self.layout.logs
+        if len(logs) > 1:
+            names = ", ".join(str(f.relative_to(self.root)) for f in logs[:4]) + (", ..." if len(logs) > 4 else "")
+            raise UserError(f"{self.given} holds {len(logs)} verl logs ({names}): pass one of them, or the "
+                            "directory of one experiment")
+        return logs[0] if logs else None
 
     def metrics_candidates(self) -> list[Path]:
         """Files `watch` waits for when the run has not written one yet."""
         if self.given.is_file() or (not self.given.exists() and self.given.suffix):
             return [self.given]
-        return [d / METRICS_FILE for d in self._data_dirs()]
+        found = self.metrics_path if self.given.is_dir() else None
+        return ([found] if found is not None else []) + [d / METRICS_FILE for d in self._data_dirs()]
 
     def require_metrics(self) -> Path:
         """The metrics file, or a UserError saying what is missing."""

@@ -6,6 +6,7 @@ A record is a flat dict with `"step": int`, `"time": float` and '/'-separated ke
     cp/{source}/{position}/entropy    mean next-token entropy (nats) at those positions
     cp/{source}/{position}/count      how many decision positions were measured
     cp/{source}/entropy               mean token entropy over the whole sequence
+    cp/{source}/{position}/{role}/chain[_count]  a multi-token role's whole-sequence probability where it follows
     gp/{position}/{role}/{part}       gradient pressure adv * (1[k = sampled] - p_k), part "chosen" or "other"
     fmt/{state}                       fraction of sampled assistant turns in each format state
     fmt/reason/{code}                 fraction of turns with each reason code (codes: formats.reasons)
@@ -84,6 +85,19 @@ METRIC_ALIASES: dict[str, tuple[str, ...]] = {
 def metric_keys(name: str) -> tuple[str, ...]:
     """`name` and the other trainers' names for it, in the order they are read."""
     return (name, *METRIC_ALIASES.get(name, ()))
+
+
+# verl hands the actor's metrics to its tracker under "actor/": our verl integration's `cp/...` keys are logged as
+# `actor/cp/...` (docs/verl.md); readers map them back with `from_verl_key`.
+VERL_ACTOR_PREFIX = "actor/"
+
+
+def from_verl_key(key: str) -> str:
+    """Our name for a key in verl's logs: `actor/cp/...` and `actor/gp/...` lose the prefix; others are kept."""
+    rest = key[len(VERL_ACTOR_PREFIX):]
+    return rest if key.startswith(VERL_ACTOR_PREFIX) and rest[:3] in ("cp/", "gp/") else key
+
+
 PROBE_TIME = "time/probe_s"  # seconds the callback spent scoring the probe set at that step
 # What the callback's monitor said and did at a step (strings: an alert's key, a checkpoint folder's name)
 ALERT = "monitor/alert"                  # the key of the warning (control-token or format) raised at this step
@@ -108,6 +122,28 @@ def cp_entropy_key(source: str | Source, position: str | Position) -> str:
 
 def cp_count_key(source: str | Source, position: str | Position) -> str:
     return cp_key(source, position, "count")
+
+
+CHAIN, CHAIN_COUNT = "chain", "chain_count"  # suffixes of cp/{source}/{position}/{role}/ for multi-token roles
+
+
+def cp_chain_key(source: str | Source, position: str | Position, role: str) -> str:
+    """`cp/{source}/{position}/{role}/chain`: mean probability of a multi-token role's whole sequence (the product
+    of its pieces' teacher-forced probabilities), over the positions where the sequence follows."""
+    return f"{cp_key(source, position, role)}/{CHAIN}"
+
+
+def cp_chain_count_key(source: str | Source, position: str | Position, role: str) -> str:
+    """`cp/{source}/{position}/{role}/chain_count`: how many positions the chain mean is over (summed)."""
+    return f"{cp_key(source, position, role)}/{CHAIN_COUNT}"
+
+
+def parse_chain_key(key: str) -> tuple[str, str, str, str] | None:
+    """(source, position, role, "chain" | "chain_count") of a chained-probability key, else None."""
+    parts = key.split("/")
+    if len(parts) != 5 or parts[0] != "cp" or not all(parts[1:4]) or parts[4] not in (CHAIN, CHAIN_COUNT):
+        return None
+    return parts[1], parts[2], parts[3], parts[4]
 
 
 def sequence_entropy_key(source: str | Source) -> str:

@@ -1,14 +1,19 @@
-"""Resolve named control-token roles (tool_open, end_of_turn, json_open, ...) to single token ids.
+"""Resolve named control-token roles (tool_open, end_of_turn, json_open, ...) to their token ids.
 
-Collapse shows up as probability shifts of single control tokens, so a role is only useful when it maps
-to exactly one id. Auto-detection never guesses: a role whose string is absent or splits into several
-tokens is reported in `unresolved` with the reason, and the user can supply `--token role=string`.
+Most roles are one token (`<|im_end|>`, Qwen2.5's `<tool_call>`). Where a model has no tool tokens, the tool
+world writes its tags as plain text (SmolLM2: `<tool_call>` is the 5 pieces '<' 'tool' '_' 'call' '>'): such a
+role resolves to its pieces, `ids[role]` is the FIRST piece (the token capture gathers and masked decoding
+forbids) and `sequences[role]` all of them (decision positions are found after the whole sequence; capture
+adds the chained probability of the sequence where it follows). Auto-detection never guesses: a tag is a
+single added/template token, or, when the tokenizer has no tool-call token at all, the Hermes tags as text
+(source "text"); anything else is reported in `unresolved` with the reason, and `--token role=string` accepts
+any string (one token or several).
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from collapse_probe.errors import UserError
 
@@ -34,53 +39,119 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ESCAPES = {"\\n": "\n", "\\t": "\t", "\\r": "\r", "\\\\": "\\"}
 
 
+# Hermes tags written as plain text, for tokenizers without any tool-call token (the tool world's own tags)
+TEXT_TAGS: dict[str, str] = {"tool_open": "<tool_call>", "tool_close": "</tool_call>",
+                             "tool_response_open": "<tool_response>", "tool_response_close": "</tool_response>"}
+
+
+class RoleIds(dict):
+    """role -> the id capture gathers (a multi-token role's first piece), as a plain dict; `sequences` holds the
+    full ids of the roles that are several tokens. It travels with the ids through every capture entry point
+    (`decision_masks` reads it), so a trainer passing `roles.distinct_ids()` along needs no change; a plain
+    `Mapping[str, int]` means every role is one token."""
+
+    def __init__(self, ids: Mapping[str, int] | None = None,
+                 sequences: Mapping[str, Sequence[int]] | None = None) -> None:
+        super().__init__(ids or {})
+        self.sequences: dict[str, tuple[int, ...]] = {
+            r: tuple(int(i) for i in s) for r, s in (sequences or {}).items() if r in self and len(s) > 1}
+
+
+def role_sequence(role_ids: Mapping[str, int], role: str) -> tuple[int, ...]:
+    """All token ids of `role` (one id for a single-token role, () when the role is absent)."""
+    seqs = getattr(role_ids, "sequences", None) or {}
+    if role in seqs:
+        return tuple(seqs[role])
+    return (int(role_ids[role]),) if role in role_ids else ()
+
+
 @dataclass
 class ControlTokens:
-    """Role -> single token id, with the string, where it came from, and why other roles did not resolve."""
+    """Role -> token id (the first piece of a multi-token role), the full ids of multi-token roles, the string,
+    where it came from, and why other roles did not resolve."""
 
     ids: dict[str, int] = field(default_factory=dict)
     strings: dict[str, str] = field(default_factory=dict)
     unresolved: dict[str, str] = field(default_factory=dict)
-    source: dict[str, str] = field(default_factory=dict)  # "auto" | "override" | "chat_template"
+    source: dict[str, str] = field(default_factory=dict)  # "auto" | "override" | "chat_template" | "text"
+    sequences: dict[str, tuple[int, ...]] = field(default_factory=dict)  # only roles of 2+ tokens
 
     def __contains__(self, role: object) -> bool:
         return role in self.ids
 
-    def distinct_ids(self) -> dict[str, int]:
+    def sequence(self, role: str) -> tuple[int, ...]:
+        """Every token id of `role`, in order."""
+        return self.sequences.get(role) or ((self.ids[role],) if role in self.ids else ())
+
+    def _order(self) -> list[str]:
+        return [r for r in ROLES if r in self.ids] + [r for r in self.ids if r not in ROLES]
+
+    def all_ids(self) -> RoleIds:
+        """Every resolved role (roles may share an id), with the sequences of multi-token roles."""
+        return RoleIds(self.ids, self.sequences)
+
+    def distinct_ids(self) -> RoleIds:
         """role -> id with each id once (first role in canonical order wins: `eos` is dropped where it is the
-        end-of-turn token), so records and figures carry no duplicate series."""
+        end-of-turn token, and `tool_response_open` where it starts with the same piece '<' as a plain-text
+        `tool_open`), so records and figures carry no duplicate series."""
         out: dict[str, int] = {}
-        for role in [r for r in ROLES if r in self.ids] + [r for r in self.ids if r not in ROLES]:
+        for role in self._order():
             if self.ids[role] not in out.values():
                 out[role] = self.ids[role]
-        return out
+        return RoleIds(out, self.sequences)
 
     def role_of(self, token_id: int) -> str | None:
         """First role (canonical order, then custom roles) whose id is token_id; roles may share an id."""
-        order = [r for r in ROLES if r in self.ids] + [r for r in self.ids if r not in ROLES]
-        return next((r for r in order if self.ids[r] == token_id), None)
+        return next((r for r in self._order() if self.ids[r] == token_id), None)
 
-    def report(self) -> str:
-        """Readable table: resolved roles with id, string and source, then unresolved roles with reasons."""
+    def report(self, tokenizer: Any = None) -> str:
+        """Readable table: resolved roles with id(s), string and source, then unresolved roles with reasons.
+        With the tokenizer, each role's pieces as the tokenizer writes them."""
         order = list(ROLES) + [r for r in {**self.ids, **self.unresolved} if r not in ROLES]
-        lines = [f"{'role':<20} {'id':>8}  {'string':<22} source"]
+        shown = {r: " ".join(str(i) for i in self.sequence(r)) for r in self.ids}
+        w = max([8] + [len(v) for v in shown.values()])
+        lines = [f"{'role':<20} {'id':>{w}}  {'string':<22} {'source':<14}" + (" pieces" if tokenizer else "")]
         for r in order:
             if r in self.ids:
-                lines.append(f"{r:<20} {self.ids[r]:>8}  {self.strings[r]!r:<22} {self.source.get(r, '')}")
+                seq = self.sequence(r)
+                line = f"{r:<20} {shown[r]:>{w}}  {self.strings[r]!r:<22} {self.source.get(r, ''):<14}"
+                if tokenizer is not None:
+                    line += f" {len(seq)}: " + " ".join(repr(p) for p in self.pieces(tokenizer)[r])
+                lines.append(line.rstrip())
         missing = [r for r in order if r in self.unresolved]
         if missing:
             lines.append("unresolved:")
             lines += [f"  {r:<20} {self.unresolved[r]}" for r in missing]
         return "\n".join(lines)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"ids": dict(self.ids), "strings": dict(self.strings),
-                "unresolved": dict(self.unresolved), "source": dict(self.source)}
+    def pieces(self, tokenizer: Any) -> dict[str, list[str]]:
+        """role -> its tokens, each decoded alone."""
+        return {r: [tokenizer.decode([i]) for i in self.sequence(r)] for r in self._order()}
+
+    def to_dict(self, tokenizer: Any = None) -> dict[str, Any]:
+        """JSON-able; `sequences` only when a role has several tokens, `pieces` only with a tokenizer."""
+        out: dict[str, Any] = {"ids": dict(self.ids), "strings": dict(self.strings),
+                               "unresolved": dict(self.unresolved), "source": dict(self.source)}
+        if self.sequences:
+            out["sequences"] = {r: list(s) for r, s in self.sequences.items()}
+        if tokenizer is not None:
+            out["pieces"] = self.pieces(tokenizer)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ControlTokens":
         return cls(ids={k: int(v) for k, v in d.get("ids", {}).items()}, strings=dict(d.get("strings", {})),
-                   unresolved=dict(d.get("unresolved", {})), source=dict(d.get("source", {})))
+                   unresolved=dict(d.get("unresolved", {})), source=dict(d.get("source", {})),
+                   sequences={k: tuple(int(i) for i in v) for k, v in d.get("sequences", {}).items() if len(v) > 1})
+
+    def set(self, role: str, s: str, ids: Sequence[int], source: str) -> None:
+        """Record `role` as the string `s` whose tokens are `ids`."""
+        self.ids[role], self.strings[role], self.source[role] = int(ids[0]), s, source
+        if len(ids) > 1:
+            self.sequences[role] = tuple(int(i) for i in ids)
+        else:
+            self.sequences.pop(role, None)
+        self.unresolved.pop(role, None)
 
 
 def _encode(tokenizer: Any, s: str) -> list[int]:
@@ -114,6 +185,14 @@ def single_token_id(tokenizer: PreTrainedTokenizerBase, s: str) -> int | None:
         return int(added[s])
     ids = _pieces(tokenizer, s)
     return int(ids[0]) if len(ids) == 1 else None
+
+
+def token_ids(tokenizer: PreTrainedTokenizerBase, s: str) -> list[int]:
+    """The ids s is in the middle of text: the one added/special token it names, or its ordinary pieces."""
+    if not s:
+        return []
+    added = _added(tokenizer)
+    return [int(added[s])] if s in added else [int(i) for i in _pieces(tokenizer, s)]
 
 
 def _describe(tokenizer: Any, s: str) -> str:
@@ -205,24 +284,39 @@ def _json_roles(tokenizer: Any, ct: ControlTokens) -> None:
             ct.unresolved[role] = f"none of {list(bare[role])} is a single token in this vocabulary"
 
 
+def _text_tags(tokenizer: Any, ct: ControlTokens) -> None:
+    """No tool-call token at all (SmolLM2, most base models): the tool world writes the Hermes tags as plain
+    text, so each tag role is its sequence of pieces, when those pieces spell the tag exactly."""
+    for role, s in TEXT_TAGS.items():
+        if role in ct.ids:
+            continue
+        ids = token_ids(tokenizer, s)
+        if ids and tokenizer.decode(ids) == s:
+            ct.set(role, s, ids, "text")
+        else:
+            ct.unresolved[role] = f"{_describe(tokenizer, s)}: its pieces do not decode back to the tag"
+
+
 def resolve_control_tokens(tokenizer: PreTrainedTokenizerBase, overrides: dict[str, str] | None = None, *,
                            chat_template: str | None = None) -> ControlTokens:
-    """Resolve all roles for an HF tokenizer; `overrides` (role -> string) win and must be single tokens.
+    """Resolve all roles for an HF tokenizer; `overrides` (role -> string, one token or several) win.
     `chat_template` replaces tokenizer.chat_template when given."""
     ct, added = ControlTokens(), _added(tokenizer)
     # Overrides first: a user's tool_open/tool_close also shape the context json_open/json_close are read in.
     for role, s in (overrides or {}).items():
-        tid = single_token_id(tokenizer, s)
-        if tid is None:
-            raise UserError(f"--token {role}={s!r}: {_describe(tokenizer, s)}; a role needs exactly one token")
-        ct.ids[role], ct.strings[role], ct.source[role] = tid, s, "override"
+        ids = token_ids(tokenizer, s)
+        if not ids:
+            raise UserError(f"--token {role}={s!r}: the tokenizer encodes it to no token at all")
+        ct.set(role, s, ids, "override")
     template = _template_text(tokenizer, chat_template)
     for role in (r for r in CANDIDATES if r not in ct.ids):
         got = _resolve_tag(tokenizer, role, template, added)
         if isinstance(got, str):
             ct.unresolved[role] = got
         else:
-            ct.strings[role], ct.ids[role], ct.source[role] = got
+            ct.set(role, got[0], [got[1]], got[2])
+    if "tool_open" not in ct.ids:
+        _text_tags(tokenizer, ct)
     # Formats without a closing tag or tool-result tags: say why instead of only "splits into N tokens".
     if ct.strings.get("tool_open") in ("<|python_tag|>", "[TOOL_CALLS]") and "tool_close" in ct.unresolved:
         ct.unresolved["tool_close"] = (f"no closing tag in this format (tool_open is {ct.strings['tool_open']!r}); "

@@ -1,7 +1,8 @@
 """`watch`: follow a live run's metrics file, raise alerts as they happen, exit 3 once a collapse is confirmed.
 
 Accepts our trainer's run dir, an HF/TRL output dir holding `collapse_probe/metrics.jsonl`, or a metrics JSONL
-file (ours or verl's file logger). The file is followed with `runlog.tail_records` (torn last lines wait for
+file (ours or verl's file logger, or its directory; verl's rollout dumps under the directory add each step's
+format mix, as in `analyze`; `--once` also reads what `analyze` reads: dumps alone, step records, TensorBoard). The file is followed with `runlog.tail_records` (torn last lines wait for
 their newline; a truncated or replaced file is read again from the top) and every record goes through
 `RunWatcher.feed`, which de-duplicates by step and handles restarted runs:
 
@@ -9,8 +10,9 @@ their newline; a truncated or replaced file is read again from the top) and ever
 * a step at or before it is a line already seen (same content) or an older line read again (its `time` is not
   later than the newest record processed): ignored;
 * a newer line for the last step adds keys to it (e.g. eval metrics logged after the train metrics): merged;
-* otherwise the run restarted (resumed from an earlier checkpoint, or verl truncated its log): the monitor is
-  rebuilt from the records before that step and the new record is processed.
+* otherwise the run restarted (resumed from an earlier checkpoint, or verl truncated its log on restart, which
+  `tail_records` notices and reads from the top): the monitor is rebuilt from the records before that step and
+  the new record is processed.
 
 Follow mode reads the backlog first (the whole file as it is) and then follows it, so a run that collapsed,
 was restarted from an earlier checkpoint and is healthy now is judged by its current history.
@@ -28,16 +30,18 @@ import sys
 import time
 import warnings
 from collections import deque
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, TextIO
+from typing import TextIO
 
 from collapse_probe import schema
 from collapse_probe.detect.monitor import CollapseMonitor, pick_source
 from collapse_probe.errors import EXIT_COLLAPSED, EXIT_OK, UserError
+from collapse_probe.integrations.verl_run import StepExtras, open_run
 from collapse_probe.rundir import RunDir
-from collapse_probe.runlog import StepHistory, index_file, tail_records
+from collapse_probe.runlog import StepHistory, tail_records
 
-__all__ = ["RunWatcher", "watch", "sparkline", "EXIT_OK", "EXIT_COLLAPSED", "POLL_S"]
+__all__ = ["EXIT_COLLAPSED", "EXIT_OK", "POLL_S", "RunWatcher", "sparkline", "watch"]
 
 POLL_S = 0.2
 SPARK = "▁▂▃▄▅▆▇█"
@@ -73,11 +77,12 @@ class RunWatcher:
     `source` is "rollout", "probe" or "auto" (rollout captures once the run logs them, else probe captures,
     exactly as `analyze` picks them). Repeated and restarted steps are sorted out by `runlog.StepHistory`;
     the monitor is rebuilt from the history whenever a step is merged or the run restarted.
-    Keeps the last `spark_len` values of each role for the live view.
+    Keeps the last `spark_len` values of each role for the live view. `extras(step)` gives keys to fill into a
+    step's record before the monitor sees it (verl's rollout dumps); the history keeps the lines as read.
     """
 
     def __init__(self, *, source: str = "auto", position: str = schema.Position.AFTER_OPEN.value,
-                 spark_len: int = 40):
+                 spark_len: int = 40, extras: Callable[[int], dict] | None = None):
         sources = [s.value for s in schema.Source]
         if source != "auto" and source not in sources:
             raise UserError(f"unknown --source {source!r}: use auto, {' or '.join(sources)}")
@@ -85,7 +90,7 @@ class RunWatcher:
             raise UserError(f"unknown --position {position!r}: use one of {', '.join(schema.POSITIONS)}")
         self.auto = source == "auto"
         self.source = None if self.auto else source
-        self.position, self.spark_len = position, int(spark_len)
+        self.position, self.spark_len, self.extras = position, int(spark_len), extras
         self.history = StepHistory()
         self.resolved_restarts = 0
         self.last_status: dict | None = None
@@ -134,6 +139,8 @@ class RunWatcher:
         self.success_spark.append(status["success"])
 
     def _process(self, rec: dict) -> dict:
+        if self.extras is not None:
+            rec = {**self.extras(rec["step"]), **rec}
         status = self.monitor.status(rec)
         status["source"] = self.monitor.source
         self._track(status)
@@ -289,13 +296,15 @@ def watch(path: str | os.PathLike, *, once: bool = False, as_json: bool = False,
     out = out or sys.stdout
     console = console or Console(stderr=True)  # messages and warnings
     view_console = Console(file=out) if not as_json else None
-    if once:
+    run = open_run(p, warn=False) if once and p.exists() else None
+    if once and run is None:
         RunDir(p).require_metrics()  # UserError for a missing path or a dir without metrics
     elif not p.exists():
         if p.suffix:
             raise UserError(f"{p} does not exist: pass a run directory or a metrics JSONL file")
         console.print(f"[dim]waiting for {p}/metrics.jsonl to appear[/dim]", highlight=False)
-    w = RunWatcher(source=source, position=position)
+    extras = StepExtras.from_layout(RunDir(p).layout, outcome=False) if not once and p.is_dir() else None
+    w = RunWatcher(source=source, position=position, extras=extras.get if extras else None)
     hooks = _Hooks(on_alert, p, as_json, console)
 
     def emit(status: dict) -> None:
@@ -346,21 +355,20 @@ def watch(path: str | os.PathLike, *, once: bool = False, as_json: bool = False,
                 live = Live(render_view(w, p), console=view_console, refresh_per_second=5, transient=False,
                             redirect_stdout=False, redirect_stderr=False)
                 live.start()
-            if once:  # one streaming pass over the file as it is now; nothing but the monitor is held
-                f = RunDir(p).require_metrics()
-                index, skipped = index_file(f, warn=False)
-                w = RunWatcher(source=pick_source(index.keys) if source == "auto" else source, position=position)
-                tail_from = len(index) - w.spark_len  # full statuses (sparklines) for the last steps only
-                for i, rec in enumerate(index.records()):
+            if once:  # one streaming pass over the files as they are now (joined as `analyze` joins them)
+                f = run.metrics or p
+                w = RunWatcher(source=run.monitor_mode()[0] if source == "auto" else source, position=position)
+                tail_from = run.step_count() - w.spark_len  # full statuses (sparklines) for the last steps only
+                for i, rec in enumerate(run.records()):
                     status = w.feed_resolved(rec, light=i < tail_from)
                     if status is not None:
                         handle(status, quiet=True)
-                w.resolved_restarts = index.restarts
+                w.resolved_restarts = run.index.restarts if run.index is not None else 0
                 if w.last_status is None:
                     raise UserError(f"{f} holds no records yet: run it again once the run has logged a step")
                 w.last_status["restarts"] = w.restarts
-                if skipped.count:
-                    console.print(f"[yellow]warning:[/yellow] skipped {skipped.count} torn or garbled line(s) of "
+                if run.skipped:
+                    console.print(f"[yellow]warning:[/yellow] skipped {run.skipped} torn or garbled line(s) of "
                                   f"{f}", highlight=False, soft_wrap=True)
                 if as_json:
                     emit(w.last_status)

@@ -232,12 +232,17 @@ def test_overrides_apply(qwen):
     assert "fim" in ct.report()
 
 
-def test_multi_token_override_raises(qwen):
-    with pytest.raises(UserError) as e:
-        resolve_control_tokens(qwen, {"tool_response_open": "<tool_response>"})
-    msg = str(e.value)
-    assert "tool_response_open" in msg and "'<tool_response>'" in msg
-    assert "[27, 14172, 9655, 29]" in msg and "'_response'" in msg
+def test_multi_token_override_resolves_to_its_pieces(qwen):
+    # A role may be several tokens: its id is the first piece, its sequence all of them.
+    ct = resolve_control_tokens(qwen, {"tool_response_open": "<tool_response>"})
+    assert ct.ids["tool_response_open"] == 27 and ct.sequence("tool_response_open") == (27, 14172, 9655, 29)
+    assert ct.source["tool_response_open"] == "override" and "tool_response_open" not in ct.unresolved
+    assert ct.distinct_ids().sequences == {"tool_response_open": (27, 14172, 9655, 29)}
+    assert ct.pieces(qwen)["tool_response_open"] == ["<", "tool", "_response", ">"]
+    back = ControlTokens.from_dict(json.loads(json.dumps(ct.to_dict())))
+    assert back == ct
+    with pytest.raises(UserError, match="no token at all"):
+        resolve_control_tokens(qwen, {"x": ""})
 
 
 def test_overrides_shape_json_context(qwen):

@@ -39,7 +39,7 @@ import torch
 from collapse_probe.capture.stats import RecordMeans, decision_positions, position_stats, position_stats_deferred
 from collapse_probe.errors import UserError
 from collapse_probe.schema import Source, sequence_entropy_key, sequence_tokens_key
-from collapse_probe.tokens import ControlTokens, resolve_control_tokens
+from collapse_probe.tokens import ControlTokens, RoleIds, resolve_control_tokens
 
 logger = logging.getLogger(__name__)
 _ENTROPY_CHUNK = 256  # rows per chunk for the optional overall entropy
@@ -76,7 +76,7 @@ class ControlTokenCapture:
         if "tool_open" not in self.roles.ids:
             why = self.roles.unresolved.get("tool_open", "not resolved")
             raise UserError(f"no tool-call opening token ({why}): pass overrides={{'tool_open': '<your tag>'}}")
-        self.role_ids: dict[str, int] = self.roles.distinct_ids()
+        self.role_ids: RoleIds = self.roles.distinct_ids()  # multi-token roles carry their sequences
         self.source = source
         self.entropy = entropy
         self._batch: _Batch | None = None
@@ -192,7 +192,7 @@ class ControlTokenCapture:
         if scores.shape[0] != n or scores.shape[1] not in (t, t - 1):
             raise UserError(f"logits of shape {tuple(scores.shape)} do not match input_ids {tuple(ids.shape)}: "
                             "pass [N, T, V] or the shifted [N, T-1, V] (logits[:, :-1])")
-        big = max(self.role_ids.values())
+        big = max([*self.role_ids.values(), *(i for s in self.role_ids.sequences.values() for i in s)])
         if big >= scores.shape[-1]:
             raise UserError(f"control token id {big} is outside the vocabulary of size {scores.shape[-1]}: "
                             "is this the tokenizer of this model?")

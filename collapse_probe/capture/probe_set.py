@@ -20,6 +20,9 @@ from collapse_probe.schema import Source
 from collapse_probe.tokens import ControlTokens, resolve_control_tokens
 
 
+LOGITS_BUDGET = 1 << 26  # floats of logits one scoring batch may hold (256 MB)
+
+
 @dataclass
 class ProbeSet:
     seqs: list[list[int]]
@@ -71,12 +74,17 @@ class ProbeSet:
     def score(self, model: torch.nn.Module, *, batch_size: int = 16, source: str = Source.PROBE.value,
               temperature: float = 1.0) -> dict[str, float]:
         """One no-grad forward per batch; returns `cp/probe/{position}/{role}` means over the whole set, at the
-        policy's sampling `temperature` (so gold-context and on-policy numbers are the same distribution)."""
+        policy's sampling `temperature` (so gold-context and on-policy numbers are the same distribution).
+        Batches shrink so one batch's logits stay within `LOGITS_BUDGET` floats (a 49k vocabulary)."""
         was_training = model.training
         model.eval()
         means = RecordMeans()  # each batch's means weighted by its position count
         role_ids = self.roles.distinct_ids()
         device = next(model.parameters()).device
+        vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+        width_all = max((len(s) for s in self.seqs), default=1)
+        if vocab:
+            batch_size = max(1, min(batch_size, LOGITS_BUDGET // (width_all * vocab)))
         for i in range(0, len(self.seqs), batch_size):
             seqs, masks = self.seqs[i:i + batch_size], self.gen_masks[i:i + batch_size]
             width = max(len(s) for s in seqs)

@@ -25,8 +25,10 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from collapse_probe.schema import (POSITIONS, Part, Position, Source, cp_count_key, cp_key, cp_entropy_key, gp_key,
-                                   parse_cp_key, parse_gp_key, parse_sequence_key, sequence_tokens_key)
+from collapse_probe.schema import (POSITIONS, Part, Position, Source, cp_chain_count_key, cp_chain_key, cp_count_key,
+                                   cp_entropy_key, cp_key, gp_key, parse_chain_key, parse_cp_key, parse_gp_key,
+                                   parse_sequence_key, sequence_tokens_key)
+from collapse_probe.tokens import role_sequence
 
 # (row, col) indices of one position kind, and a 0/1 weight per row (None: every row is a real position)
 Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
@@ -40,35 +42,57 @@ def decision_positions(ids: torch.Tensor, gen_mask: torch.Tensor, role_ids: Mapp
     return {k: torch.nonzero(v, as_tuple=True) for k, v in decision_masks(ids, gen_mask, role_ids).items()}
 
 
+def _ends_at(ids: torch.Tensor, seq: Sequence[int]) -> torch.Tensor:
+    """[N, T] True at t where ids[t-len(seq)+1 .. t] == seq (a single id: ids == id; no seq: all False)."""
+    if not seq:
+        return torch.zeros_like(ids, dtype=torch.bool)
+    m = ids == seq[-1]
+    for j in range(1, len(seq)):
+        back = torch.zeros_like(m)
+        back[:, j:] = ids[:, :-j] == seq[-1 - j]
+        m &= back
+    return m
+
+
+def _shift(m: torch.Tensor, k: int) -> torch.Tensor:
+    """m moved k columns right: out[:, t] = m[:, t - k] (False before the start)."""
+    out = torch.zeros_like(m)
+    out[:, k:] = m[:, : m.shape[1] - k]
+    return out
+
+
 def decision_masks(ids: torch.Tensor, gen_mask: torch.Tensor, role_ids: Mapping[str, int]
                    ) -> dict[str, torch.Tensor]:
-    """Boolean [N, T] mask of each position kind (no host sync: usable inside an asynchronous GPU step)."""
-    prev = torch.full_like(ids, -1)
-    prev[:, 1:] = ids[:, :-1]
+    """Boolean [N, T] mask of each position kind (no host sync: usable inside an asynchronous GPU step).
+
+    Tags of several tokens (`role_ids.sequences`, tokens.RoleIds) count where their whole sequence ends: the
+    position after the last piece of `<tool_call>` (and its newline) is `after_open`."""
     nxt = torch.full_like(ids, -1)
     nxt[:, :-1] = ids[:, 1:]
     gen_next = torch.zeros_like(gen_mask, dtype=torch.bool)
     gen_next[:, :-1] = gen_mask[:, 1:].bool()
     gen_here = gen_mask.bool()
-    opn, nl = role_ids.get("tool_open", -2), role_ids.get("newline", -2)
+    nl = role_ids.get("newline", -2)
+    opened = _ends_at(ids, role_sequence(role_ids, "tool_open"))
     out: dict[str, torch.Tensor] = {}
     # The tag opens a call; measure after its newline, or after the tag itself when no newline follows.
-    after_tag = (ids == opn) & (nxt != nl)
-    after_nl = (ids == nl) & (prev == opn)
-    out[Position.AFTER_OPEN.value] = (after_tag | after_nl) & gen_next
+    after_nl = (ids == nl) & _shift(opened, 1)
+    out[Position.AFTER_OPEN.value] = ((opened & (nxt != nl)) | after_nl) & gen_next
     start = gen_next & ~gen_here
     start[:, 0] = False
     out[Position.TURN_START.value] = start
-    out[Position.AFTER_CLOSE.value] = (ids == role_ids.get("tool_close", -2)) & gen_here & gen_next
-    jo = role_ids.get("json_open", -2)
-    prev2 = torch.full_like(ids, -1)
-    prev2[:, 2:] = ids[:, :-2]
-    in_call = ((prev == nl) & (prev2 == opn)) | (prev == opn)
-    out[Position.JSON_BODY.value] = (ids == jo) & in_call & gen_here & gen_next
+    out[Position.AFTER_CLOSE.value] = _ends_at(ids, role_sequence(role_ids, "tool_close")) & gen_here & gen_next
+    jo = role_sequence(role_ids, "json_open")
+    in_call = _shift(after_nl | opened, max(len(jo), 1))  # the body's opening right after the tag (+ newline)
+    out[Position.JSON_BODY.value] = _ends_at(ids, jo) & in_call & gen_here & gen_next
     return out
 
 
-_LOOKBACK = 3  # decision_masks looks at most two tokens back from a position; plus the position itself
+def _lookback(role_ids: Mapping[str, int]) -> int:
+    """How many ids before a position `decision_masks` reads, plus the position itself (3 for one-token tags)."""
+    opn = len(role_sequence(role_ids, "tool_open")) or 1
+    jo = len(role_sequence(role_ids, "json_open")) or 1
+    return max(3, opn + 1 + jo, len(role_sequence(role_ids, "tool_close")))
 
 
 def prefix_decisions(prefixes: Sequence[Sequence[int]], role_ids: Mapping[str, int],
@@ -81,33 +105,36 @@ def prefix_decisions(prefixes: Sequence[Sequence[int]], role_ids: Mapping[str, i
     the newline. An empty list is the start of a generated turn (`turn_start`)."""
     if not prefixes:
         return {k: [] for k in POSITIONS}
+    back = _lookback(role_ids)
     ids, gen = [], []
     for p in prefixes:
-        tail = [int(t) for t in p[len(p) - _LOOKBACK:]] if len(p) > _LOOKBACK else [int(t) for t in p]
-        pad = _LOOKBACK - len(tail)  # the prompt before the turn: unknown ids, not generated
+        tail = [int(t) for t in p[len(p) - back:]] if len(p) > back else [int(t) for t in p]
+        pad = back - len(tail)  # the prompt before the turn: unknown ids, not generated
         ids.append([-1] * pad + tail + [-1 if next_id is None else int(next_id)])
         gen.append([0] * pad + [1] * (len(tail) + 1))
     masks = decision_masks(torch.tensor(ids), torch.tensor(gen), role_ids)
-    return {k: m[:, _LOOKBACK - 1].tolist() for k, m in masks.items()}
+    return {k: m[:, back - 1].tolist() for k, m in masks.items()}
 
 
 class DeferredStats:
     """Statistics still on the device: `resolve()` copies them to the host with one sync, when convenient
     (e.g. at logging time, after the optimizer step), so capture never stalls an asynchronous GPU step."""
 
-    def __init__(self, source: str, keys: list[str], kinds: list[str], values: torch.Tensor,
-                 counts: dict[str, torch.Tensor | float]):
-        self.source, self.keys, self.kinds, self.values, self.counts = source, keys, kinds, values, counts
+    def __init__(self, keys: list[str], weights: list[str], values: torch.Tensor,
+                 counts: dict[str, torch.Tensor | float], optional: frozenset[str] = frozenset()):
+        # keys[i] is reported only where its count key weights[i] (a key of `counts`) is above 0; the counts in
+        # `optional` (chained probabilities) only where above 0 too, so a sequence that never followed adds no key
+        self.keys, self.weights, self.values, self.counts, self.optional = keys, weights, values, counts, optional
 
     def resolve(self) -> dict[str, float]:
-        """Host floats: `count` of every position kind, the other keys only for kinds with positions."""
+        """Host floats: every count, the other keys only where their count is above 0."""
         on_device = [k for k, v in self.counts.items() if isinstance(v, torch.Tensor)]
         parts = [self.values] + [self.counts[k].reshape(1).float() for k in on_device]
         flat = torch.cat(parts).tolist()  # the one host sync
         counts = {k: float(v) for k, v in self.counts.items() if not isinstance(v, torch.Tensor)}
         counts.update(zip(on_device, flat[len(self.keys):]))
-        rec = {cp_count_key(self.source, kind): counts[kind] for kind in self.counts}
-        rec.update((k, v) for k, kind, v in zip(self.keys, self.kinds, flat) if counts[kind] > 0)
+        rec = {k: counts[k] for k in self.counts if counts[k] > 0 or k not in self.optional}
+        rec.update((k, v) for k, w, v in zip(self.keys, self.weights, flat) if counts[w] > 0)
         return rec
 
 
@@ -124,32 +151,61 @@ def _mean_rows(x: torch.Tensor, valid: torch.Tensor | None, denom: torch.Tensor 
     return x.mean(0) if valid is None else (x * (valid if x.dim() == 1 else valid[:, None])).sum(0) / denom
 
 
+def _chain(read: RowReader, ids: torch.Tensor, r: torch.Tensor, c: torch.Tensor, valid: torch.Tensor | None,
+           seq: tuple[int, ...], first: torch.Tensor, is_logp: bool) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """(summed probability of the whole `seq`, positions) over the rows where `seq` follows in `ids`: the first
+    piece's log-prob `first` [M] is in hand; rows c+1 .. c+k-1 of the same forward give the others. Only those
+    rows are read (all M of them, weighted, when `valid` is given: a fixed size, no host sync)."""
+    t, dev = ids.shape[1], ids.device
+    at = c[:, None] + 1 + torch.arange(len(seq), device=dev)  # where the pieces would be
+    follow = (at < t).all(-1) & (ids[r[:, None], at.clamp(max=t - 1)] ==
+                                 torch.tensor(seq, device=dev)[None, :]).all(-1)
+    if valid is None:
+        sel = torch.nonzero(follow).squeeze(-1)
+        r, c, first, w = r[sel], c[sel], first[sel], None
+        if not sel.numel():
+            return first.new_zeros(()), 0.0
+    else:
+        w = follow.float() * valid
+        c = torch.where(follow, c, torch.zeros_like(c))  # rows that do not follow: any in-range row, weight 0
+    total = first.clone()
+    for j in range(1, len(seq)):
+        got = read(r, c + j).float()
+        total += got[:, seq[j]] - (0 if is_logp else torch.logsumexp(got, dim=-1))
+    p = total.exp()
+    return (p.sum(), float(p.numel())) if w is None else ((p * w).sum(), w.sum())
+
+
 def _gather(scores: torch.Tensor | RowReader, ids: torch.Tensor, rows: Mapping[str, Rows],
             role_ids: Mapping[str, int], *, is_logp: bool, source: str, advantages: torch.Tensor | None,
             device: torch.device | None = None) -> DeferredStats:
     """The capture math, shared by every entry point: per position kind, read the M decision rows of `scores`
     (a [N, T, V] tensor, or a `RowReader` that builds only those rows, e.g. hidden states x LM head), gather the
-    K control columns, and average with the rows' weights. Nothing leaves the device here."""
+    K control columns, and average with the rows' weights. A multi-token role's column is its first piece; its
+    whole sequence's probability is chained from the following rows where it follows. Nothing leaves the device."""
     roles = sorted(role_ids)
     dev = scores.device if isinstance(scores, torch.Tensor) else device
     read = (lambda r, c: scores[r, c]) if isinstance(scores, torch.Tensor) else scores
     cols = torch.tensor([role_ids[r] for r in roles], dtype=torch.long, device=dev)
+    multi = [(i, r, role_sequence(role_ids, r)) for i, r in enumerate(roles) if len(role_sequence(role_ids, r)) > 1]
     adv_all = advantages.to(dev).float() if advantages is not None else None
     keys: list[str] = []
-    kinds: list[str] = []
+    weights: list[str] = []
     vals: list[torch.Tensor] = []
     counts: dict[str, torch.Tensor | float] = {}
     for kind, (r, c, valid) in rows.items():
+        count = cp_count_key(source, kind)
         if valid is None:
-            counts[kind] = denom = float(r.numel())
+            counts[count] = denom = float(r.numel())
             if not r.numel():
                 continue
         else:
-            counts[kind] = valid.sum()
-            denom = counts[kind].clamp(min=1)
+            counts[count] = valid.sum()
+            denom = counts[count].clamp(min=1)
         got = read(r, c).float()  # [M, V]: only decision rows, a small slice
         logp = got if is_logp else got - torch.logsumexp(got, dim=-1, keepdim=True)
-        p = logp.index_select(-1, cols).exp()  # [M, K]
+        lp = logp.index_select(-1, cols)  # [M, K]
+        p = lp.exp()
         names = list(_key_names(source, kind, tuple(roles), False))
         parts = [_mean_rows(-(logp.exp() * logp).sum(-1), valid, denom)[None], _mean_rows(p, valid, denom)]
         if adv_all is not None:
@@ -161,10 +217,18 @@ def _gather(scores: torch.Tensor | RowReader, ids: torch.Tensor, rows: Mapping[s
             names += _key_names(source, kind, tuple(roles), True)
             parts += [(push * chose).sum(0) / denom, (push * (1 - chose)).sum(0) / denom]
         keys += names
-        kinds += [kind] * len(names)
+        weights += [count] * len(names)
         vals += parts
+        for i, role, seq in multi:
+            total, n = _chain(read, ids, r, c, valid, seq, lp[:, i], is_logp)
+            n_key = cp_chain_count_key(source, kind, role)
+            counts[n_key] = n
+            keys.append(cp_chain_key(source, kind, role))
+            weights.append(n_key)
+            vals.append((total / (n.clamp(min=1) if isinstance(n, torch.Tensor) else max(n, 1.0)))[None])
     values = torch.cat(vals) if vals else torch.zeros(0, device=dev)
-    return DeferredStats(source, keys, kinds, values, counts)
+    optional = frozenset(cp_chain_count_key(source, kind, role) for kind in rows for _, role, _ in multi)
+    return DeferredStats(keys, weights, values, counts, optional)
 
 
 @torch.no_grad()
@@ -213,6 +277,10 @@ def position_stats_deferred(scores: torch.Tensor, ids: torch.Tensor, gen_mask: t
 @functools.lru_cache(maxsize=4096)
 def _weight_key(key: str, source: str) -> tuple[bool, str | None]:
     """(summed, the key holding the count the mean is over); parsed once per key, as every step repeats them."""
+    chain = parse_chain_key(key)
+    if chain is not None:
+        count = cp_chain_count_key(*chain[:3])
+        return key == count, count
     cap = parse_cp_key(key)
     if cap is not None:
         count = cp_count_key(cap.source, cap.position)

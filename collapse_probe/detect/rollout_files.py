@@ -1,37 +1,40 @@
 """Read assistant turns from rollout files, classify them, and summarise the format-state mix.
 
-Accepted inputs (auto-detected per file; a directory is scanned for ``*.jsonl`` and ``*.parquet``):
-
-- JSONL, one object per line, with the first of these fields that is usable:
-  ``turns`` (our ``rollouts/step_*.jsonl``: a list of assistant turns), ``text`` (one assistant turn),
-  ``output`` (verl ``rollout_data_dir/{step}.jsonl`` from ``RayPPOTrainer._dump_generations``: the decoded
-  response; a multi-turn trajectory is split into assistant turns at the tool-response blocks),
-  ``completion`` (a TRL completion, as below). Optional ``group`` (default "all") and ``step``.
-- Parquet written by TRL's GRPOTrainer with ``log_completions=True`` (``completions/completions_{step:05d}.parquet``,
-  columns ``step``, ``prompt``, ``completion``, one column per reward function, ``advantage``). A completion is a
-  string or a list of chat messages; each assistant message is one turn, its parsed ``tool_calls`` written back
-  in the spec's tag syntax after its content.
-The step comes from the row's ``step`` or else the file name (``completions_00010``, ``step_000010``, ``10``).
-A directory holding ``rollouts/``, ``completions/`` or ``collapse_probe/rollouts/`` is read from there;
-``metrics.jsonl`` is never read as rollouts.
+Accepted inputs (auto-detected per file), read line by line or element by element (one row in memory):
+- JSONL, one object per line, with the first usable field of ``turns`` (our ``rollouts/step_*.jsonl``), ``text``
+  (one assistant turn), ``output`` (verl's ``rollout_data_dir`` / ``validation_data_dir`` ``{step}.jsonl`` from
+  ``RayPPOTrainer._dump_generations``, decoded with skip_special_tokens: a multi-turn response is split into
+  assistant turns at the tool-response blocks), ``completion`` (TRL, as below). Optional ``group``, ``step``.
+- The verl-tool fork's ``verl_step_records/{run_id}/{name}-step-[val-]N.json``: one JSON array of
+  ``{"prompt", "response", "score", "reward", "tool_interact_info": [{"action", ...}]}``, special tokens kept
+  (``response`` split into turns, else each ``action`` a turn); ``-step-val-`` files are group "val".
+- TRL's ``completions/completions_{step:05d}.parquet`` (``log_completions=True``): each assistant message of a
+  completion is one turn, its parsed ``tool_calls`` written back in the spec's tag syntax after its content.
+The step comes from the row's ``step`` or else the file name. A directory is read from its ``rollouts/``,
+``completions/`` or ``collapse_probe/rollouts/``, else its own files, else verl's dumps and records below it (a
+run's parent: several dump directories are one group each, named after the directory). ``metrics.jsonl`` and
+verl's file-logger logs are never read as rollouts.
 """
 from __future__ import annotations
 
 import json
-import warnings
+import math
 import re
+import warnings
 from bisect import bisect_right
+from collections.abc import Iterable, Iterator
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Iterable
 
+from collapse_probe import verl_files
 from collapse_probe.errors import UserError
 from collapse_probe.formats.classify import FormatSpec, StateMix, classify_turn
 from collapse_probe.formats.reasons import EMPTY_AT
+from collapse_probe.lines import iter_array, iter_lines
 from collapse_probe.schema import STATES, FormatState, Position
 
 _WHAT = ("pass a JSONL of {\"text\": <one assistant turn>} lines, our rollouts/step_*.jsonl, a verl "
-         "rollout_data_dir, or TRL completions/*.parquet (or a directory of them)")
+         "rollout_data_dir or verl_step_records/<run>/, or TRL completions/*.parquet (or a directory of them)")
 _STEP_NAME = re.compile(r"^(?:completions_|step_|global_step_)?(\d+)$")
 _SKIP_NAMES = {"metrics.jsonl"}
 
@@ -39,34 +42,57 @@ _SKIP_NAMES = {"metrics.jsonl"}
 def load_turns(path: str | Path, spec: FormatSpec | None = None) -> list[dict]:
     """Every assistant turn found under ``path`` as ``{"text": str, "group": str, "step": int | None}``, plus
     ``"user": str`` (the user's message the turn answers) when the row holds its prompt."""
+    return [_turn(t, row["group"], row["step"], row.get("user")) for row in iter_rows(path, spec)
+            for t in row["texts"]]
+
+
+def iter_rows(path: str | Path, spec: FormatSpec | None = None) -> Iterator[dict]:
+    """One dict per sampled trajectory: ``{"texts": [assistant turns], "group", "step", "user", "score",
+    "success"}`` (``score``: the row's reward, ``success``: its 0/1 accuracy, each None when the row has none)."""
     spec = spec or FormatSpec()
-    turns: list[dict] = []
-    for f in _rollout_files(Path(path)):
-        turns.extend(_load_file(f, spec))
-    return turns
+    for f, group in rollout_files(Path(path)):
+        yield from _iter_file(f, spec, group)
 
 
-def _rollout_files(path: Path) -> list[Path]:
+def rollout_files(path: Path) -> list[tuple[Path, str | None]]:
+    """(file, group for its rows or None) of every rollout file under ``path``, by step."""
     if not path.exists():
         raise UserError(f"{path}: no such file or directory; {_WHAT}")
     if path.is_file():
-        return [path]
+        return [(path, None)]
     for sub in ("rollouts", "completions", "collapse_probe/rollouts"):
         if (path / sub).is_dir():
             path = path / sub
             break
-
-    def ok(p: Path) -> bool:
-        return p.is_file() and p.suffix in (".jsonl", ".parquet") and p.name not in _SKIP_NAMES \
-            and not p.name.startswith(".")
-
-    files = [p for p in path.iterdir() if ok(p)] or [p for p in path.rglob("*") if ok(p)]
+    files = [(p, None) for p in _own_files(path)]
+    if not files:
+        lay = verl_files.scan(path)
+        dirs = lay.dumps + lay.records
+        named = len(dirs) > 1  # several dump/record directories (train and validation): one group each
+        files = [(p, d.name if named else None) for d in dirs for p in _own_files(d)]
+    if not files:
+        files = [(p, None) for p in sorted(path.rglob("*")) if _ok(p)]
     if not files:
         raise UserError(f"{path}: no .jsonl or .parquet rollout files in this directory; {_WHAT}")
-    return sorted(files, key=lambda p: (_step_from_name(p) is None, _step_from_name(p) or 0, str(p)))
+    return sorted(files, key=lambda fg: (_step_from_name(fg[0]) is None, _step_from_name(fg[0]) or 0, str(fg[0])))
+
+
+def _ok(p: Path) -> bool:
+    if not p.is_file() or p.name in _SKIP_NAMES or p.name.startswith("."):
+        return False
+    if p.suffix == ".json":
+        return verl_files.records_step(p) is not None
+    return p.suffix == ".parquet" or (p.suffix == ".jsonl" and not verl_files.is_log(p))
+
+
+def _own_files(d: Path) -> list[Path]:
+    return [p for p in sorted(d.iterdir()) if _ok(p)]
 
 
 def _step_from_name(p: Path) -> int | None:
+    rec = verl_files.records_step(p)
+    if rec is not None:
+        return rec[0]
     m = _STEP_NAME.match(p.stem)
     return int(m.group(1)) if m else None
 
@@ -84,52 +110,84 @@ def _as_step(v: object) -> int | None:
 
 
 def _group(v: object) -> str:
-    return "all" if v is None or (isinstance(v, float) and v != v) or str(v) == "" else str(v)
+    return "all" if v is None or (isinstance(v, float) and math.isnan(v)) or str(v) == "" else str(v)
 
 
-def _load_file(p: Path, spec: FormatSpec) -> list[dict]:
+def _iter_file(p: Path, spec: FormatSpec, group: str | None) -> Iterator[dict]:
     try:
-        raw = p.read_bytes()
+        with open(p, "rb") as fh:
+            head = fh.read(4)
     except OSError as e:
         raise UserError(f"{p}: cannot read ({e.strerror}); check the path and its permissions") from None
-    if not raw.strip():
-        raise UserError(f"{p}: file is empty; {_WHAT}")
-    if raw[:4] == b"PAR1":
-        return _load_parquet(p, spec)
+    if head == b"PAR1":
+        yield from _load_parquet(p, spec, group)
+        return
     if p.suffix == ".parquet":
         raise UserError(f"{p}: not a parquet file (no PAR1 header); pass a parquet file written by TRL or a JSONL")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{p}: neither UTF-8 JSONL nor parquet; {_WHAT}") from None
+    rec = verl_files.records_step(p) if p.suffix == ".json" else None
+    if rec is not None:
+        yield from _iter_records(p, spec, rec, group)
+        return
     file_step = _step_from_name(p)
-    out: list[dict] = []
+    seen = False
     bad: list[tuple[int, str]] = []  # torn or garbled lines: skipped with one warning, as the run log reader does
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError):
-            bad.append((n, "not a JSON object (expected JSONL, one object per line)"))
-            continue
-        if not isinstance(row, dict):
-            bad.append((n, f"a JSON {type(row).__name__}, expected an object per line"))
-            continue
-        texts = _row_texts(row, spec)
-        if texts is None:
-            keys = ", ".join(list(row)[:8]) or "none"
-            raise UserError(f"{p}:{n}: no usable text field (looked for 'turns', 'text', 'output', 'completion'; "
-                            f"found {keys}); give each line a \"text\" string holding one assistant turn")
-        step = _as_step(row.get("step"))
-        out.extend(_turn(t, row.get("group"), step if step is not None else file_step,
-                         _user_message(row.get("prompt", row.get("input")))) for t in texts)
-    if bad and not out:
+    try:
+        for n, _, line in iter_lines(p):
+            if line is None:
+                bad.append((n, "longer than 64 MiB"))
+                continue
+            try:
+                row = json.loads(line)
+            except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+                bad.append((n, "not a JSON object (expected JSONL, one object per line)"))
+                continue
+            if not isinstance(row, dict):
+                bad.append((n, f"a JSON {type(row).__name__}, expected an object per line"))
+                continue
+            texts = _row_texts(row, spec)
+            if texts is None:
+                keys = ", ".join(list(row)[:8]) or "none"
+                raise UserError(f"{p}:{n}: no usable text field (looked for 'turns', 'text', 'output', 'completion';"
+                                f" found {keys}); give each line a \"text\" string holding one assistant turn")
+            seen = True
+            step = _as_step(row.get("step"))
+            yield _row(texts, row, group, step if step is not None else file_step, row.get("prompt", row.get("input")))
+    except OSError as e:
+        raise UserError(f"{p}: cannot read ({e.strerror}); check the path and its permissions") from None
+    if bad and not seen:
         raise UserError(f"{p}:{bad[0][0]}: {bad[0][1]}; {_WHAT}")
+    if not bad and not seen:
+        raise UserError(f"{p}: file is empty; {_WHAT}")
     if bad:
         warnings.warn(f"skipped {len(bad)} unreadable line(s) of {p} (the first, line {bad[0][0]}: {bad[0][1]})",
                       stacklevel=2)
-    return out
+
+
+def _iter_records(p: Path, spec: FormatSpec, rec: tuple[int, bool], group: str | None) -> Iterator[dict]:
+    """The fork's step records: one JSON array, element by element."""
+    step, val = rec
+    n = 0
+    try:
+        for n, row in enumerate(iter_array(p), 1):
+            if not isinstance(row, dict):
+                raise UserError(f"{p}: element {n} is a JSON {type(row).__name__}, expected an object per record; "
+                                f"{_WHAT}")
+            texts = verl_files.record_texts(row, lambda text: split_trajectory(text, spec))
+            if texts is None:
+                keys = ", ".join(list(row)[:8]) or "none"
+                raise UserError(f"{p}: element {n} has no 'response' or 'tool_interact_info' actions (found "
+                                f"{keys}); pass the step records written by the verl-tool reward manager")
+            yield _row(texts, row, group or ("val" if val else None), step, row.get("prompt"))
+    except ValueError as e:
+        raise UserError(f"{p}: {e}; pass a step-records file holding one JSON array of records") from None
+    except OSError as e:
+        raise UserError(f"{p}: cannot read ({e.strerror}); check the path and its permissions") from None
+
+
+def _row(texts: list[str], row: dict, group: str | None, step: int | None, prompt: object) -> dict:
+    score, success = verl_files.row_outcome(row)
+    return {"texts": texts, "group": _group(group if group is not None else row.get("group")), "step": step,
+            "user": _user_message(prompt), "score": score, "success": success}
 
 
 def _turn(text: str, group: object, step: int | None, user: str | None) -> dict:
@@ -140,7 +198,7 @@ def _turn(text: str, group: object, step: int | None, user: str | None) -> dict:
 
 
 _LAST_USER = re.compile(r"(?:<\|im_start\|>|<\|start_header_id\|>|^|\n)user(?:<\|end_header_id\|>)?\n+"
-                        r"((?:(?!<\|im_start\|>|<\|start_header_id\|>|\nassistant\n).)*)", re.S)
+                        r"((?:(?!<\|im_start\|>|<\|start_header_id\|>|\nassistant\n).)*)", re.DOTALL)
 
 
 def _user_message(prompt: object) -> str | None:
@@ -179,11 +237,11 @@ def split_trajectory(text: str, spec: FormatSpec | None = None) -> list[str]:
     if not spec.turn_split:
         return [text]
     turns, pos = [], 0
-    for m in re.finditer(spec.turn_split, text, re.S):
+    for m in re.finditer(spec.turn_split, text, re.DOTALL):
         if m.end() == m.start():
             continue
         piece = text[pos:m.start()]
-        turns.append(piece[:-1] if piece.endswith("\n") else piece)  # the template's newline after end-of-turn
+        turns.append(piece.removesuffix("\n"))  # the template's newline after end-of-turn
         pos = m.end()
         if m.group("next") is None:
             return turns
@@ -221,7 +279,7 @@ def _message_text(msg: dict, spec: FormatSpec) -> str:
         calls.append({"name": fn.get("name"), "arguments": args})
     if not calls:
         return text
-    dump = lambda o: json.dumps(o, ensure_ascii=False, default=_jsonable)  # noqa: E731
+    dump = lambda o: json.dumps(o, ensure_ascii=False, default=_jsonable)
     if spec.call_list:
         rendered = spec.tool_open + dump(calls)
     else:
@@ -247,31 +305,37 @@ def _completion_texts(value: object, spec: FormatSpec) -> list[str]:
             if isinstance(m, dict) and (m.get("role") in (None, "assistant"))]
 
 
-def _load_parquet(p: Path, spec: FormatSpec) -> list[dict]:
+def _load_parquet(p: Path, spec: FormatSpec, group: str | None) -> Iterator[dict]:
     try:
-        import pandas as pd
+        import pyarrow.parquet as pq
 
-        df = pd.read_parquet(p)
-    except Exception as e:  # pyarrow raises several types for a corrupt file
+        pf = pq.ParquetFile(p)
+        names = pf.schema_arrow.names
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a corrupt file
         raise UserError(f"{p}: cannot read parquet ({type(e).__name__}: {str(e)[:120]}); "
                         "pass a completions_*.parquet written by TRL") from None
-    col = next((c for c in ("completion", "completions", "text", "output") if c in df.columns), None)
+    col = next((c for c in ("completion", "completions", "text", "output") if c in names), None)
     if col is None:
-        raise UserError(f"{p}: no 'completion' column (found {', '.join(map(str, df.columns[:8]))}); pass a "
+        raise UserError(f"{p}: no 'completion' column (found {', '.join(map(str, names[:8]))}); pass a "
                         "completions_*.parquet written by TRL's GRPOTrainer with log_completions=True")
     file_step = _step_from_name(p)
-    none = [None] * len(df)
-    steps = df["step"].tolist() if "step" in df.columns else none
-    groups = df["group"].tolist() if "group" in df.columns else none
-    prompts = df["prompt"].tolist() if "prompt" in df.columns else none
-    out: list[dict] = []
-    for value, step, group, prompt in zip(df[col].tolist(), steps, groups, prompts):
-        s = _as_step(step)
-        texts = split_trajectory(value, spec) if col == "output" and isinstance(value, str) \
-            else _completion_texts(value, spec)
-        user = _user_message(prompt)
-        out.extend(_turn(t, group, s if s is not None else file_step, user) for t in texts)
-    return out
+    cols = [c for c in (col, "step", "group", "prompt") if c in names]
+    try:
+        batches = pf.iter_batches(batch_size=256, columns=cols)  # a row group at a time, not the whole table
+        for batch in batches:
+            d = batch.to_pydict()
+            none = [None] * batch.num_rows
+            for value, step, grp, prompt in zip(d[col], d.get("step", none), d.get("group", none),
+                                                 d.get("prompt", none)):
+                s = _as_step(step)
+                texts = split_trajectory(value, spec) if col == "output" and isinstance(value, str) \
+                    else _completion_texts(value, spec)
+                yield _row(texts, {"group": grp}, group, s if s is not None else file_step, prompt)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a corrupt row group
+        raise UserError(f"{p}: cannot read parquet ({type(e).__name__}: {str(e)[:120]}); "
+                        "pass a completions_*.parquet written by TRL") from None
 
 
 def summarise_turns(turns: Iterable[dict], spec: FormatSpec | None = None, *,

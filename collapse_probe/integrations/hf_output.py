@@ -4,7 +4,7 @@ Three sources, merged per step (later ones fill keys the earlier ones lack):
 - `trainer_state.json` (the output dir's, else the newest `checkpoint-N/`'s): its `log_history`, with TRL's
   metric names mapped to ours (`reward` -> `reward/mean`, `reward_std` -> `reward/std`, ...);
 - TensorBoard event files under `runs/` (read with tensorboard's own reader, when installed), `train/` prefix
-  dropped;
+  dropped (`read_tensorboard` also reads verl's tensorboard backend: `tensorboard_log/{project}/{experiment}/`);
 - TRL's `completions/completions_NNNNN.parquet` (`log_completions=True`) -> the per-step format mix (`fmt/...`).
 """
 
@@ -16,7 +16,19 @@ import re
 from pathlib import Path
 from typing import Any
 
-from collapse_probe.schema import (ENTROPY, GRAD_NORM, KL, LOSS, LR, REWARD_MEAN, REWARD_STD, STEP, TIME)
+from collapse_probe.errors import UserError
+from collapse_probe.schema import (
+    ENTROPY,
+    GRAD_NORM,
+    KL,
+    LOSS,
+    LR,
+    REWARD_MEAN,
+    REWARD_STD,
+    STEP,
+    TIME,
+    from_verl_key,
+)
 
 # TRL / HF Trainer log names -> ours (the trainer's own names are kept as well)
 ALIASES = {"reward": REWARD_MEAN, "reward_std": REWARD_STD, "learning_rate": LR, "entropy": ENTROPY,
@@ -61,21 +73,33 @@ def _from_state(root: Path, steps: dict[int, dict]) -> None:
 def _from_tensorboard(root: Path, steps: dict[int, dict]) -> None:
     dirs = sorted({p.parent for p in (root / "runs").rglob("events.out.tfevents.*")}) if (root / "runs").is_dir() \
         else []
-    if not dirs:
-        return
     try:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        read_tensorboard(dirs, steps)
     except ImportError:
         return
+
+
+def read_tensorboard(dirs: list[Path], steps: dict[int, dict] | None = None) -> dict[int, dict]:
+    """Scalars of TensorBoard event directories (HF's `runs/...`, verl's tensorboard backend), read with
+    tensorboard's own `EventAccumulator`, into records by step: HF's `train/` prefix dropped, verl's
+    `actor/cp/...` mapped back to ours, a key already present kept. ImportError when tensorboard is missing."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = {} if steps is None else steps
     for d in dirs:
-        acc = EventAccumulator(str(d), size_guidance={"scalars": 0})
-        acc.Reload()
+        acc = EventAccumulator(str(d), size_guidance={"scalars": 0})  # 0: every point, not a reservoir sample
+        try:
+            acc.Reload()
+        except Exception as exc:  # noqa: BLE001 - a cut or foreign event file: tensorboard's errors vary
+            raise UserError(f"{d}: cannot read its TensorBoard event files ({type(exc).__name__}); "
+                            "pass a directory written by a TensorBoard SummaryWriter") from None
         for tag in acc.Tags().get("scalars", []):
-            key = tag[len("train/"):] if tag.startswith("train/") else tag
+            key = from_verl_key(tag.removeprefix("train/"))
             for ev in acc.Scalars(tag):
                 x = _number(ev.value)
                 if x is not None:
                     _add(steps, int(ev.step), key, x)
+    return steps
 
 
 def _from_completions(root: Path, steps: dict[int, dict]) -> None:

@@ -43,10 +43,8 @@ class GridFormat:
         return world.TOOLS
 
     def system_prompt(self, tools: list[dict] | None = None) -> str:
-        """The world's prompt with its closing "Call a tool as ..." sentence swapped for this syntax's."""
-        prompt = world.system_prompt(self.tools() if tools is None else tools)
-        at = prompt.find("Call a tool")
-        return (prompt[:at] if at >= 0 else prompt.rstrip() + "\n") + self.syntax.call_instruction()
+        """The world's prompt with this syntax's "how to call a tool" sentence."""
+        return world.system_prompt(self.tools() if tools is None else tools, self.syntax.call_instruction())
 
     def prepare(self, task: world.Task) -> world.Task:
         return task

@@ -9,18 +9,21 @@ Positions (the current turn's generated ids, as `rollout`'s LogitsProcessor sees
     after_open  capture's decision position (`capture.stats.prefix_decisions`, the rule of `decision_masks`):
                 after the tag's newline, or after the bare tag, which is the decision unless a newline follows
     in_call     anywhere inside a call that is open (a tool_open with no tool_close after it)
+
+A role of several tokens (SmolLM2's plain-text `</tool_call>`) is forbidden by its first piece, the token that
+would start it at that position; the tags that define the positions count where their whole sequence ends.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import torch
 
 from collapse_probe.capture.stats import prefix_decisions, role_probs
 from collapse_probe.errors import UserError
 from collapse_probe.schema import Position, Source
-from collapse_probe.tokens import ControlTokens, resolve_control_tokens
+from collapse_probe.tokens import ControlTokens, RoleIds, resolve_control_tokens
 
 AFTER_OPEN = Position.AFTER_OPEN.value
 IN_CALL = "in_call"
@@ -28,6 +31,20 @@ AFTER_TAG = "after_tag"  # observer only: the ids end with the bare tag and the 
 POSITIONS = (AFTER_OPEN, IN_CALL)
 SPIKE_THRESHOLD = 0.05
 NEVER_AUTO_MASK = ("json_open", "newline")  # the healthy continuations after the tag
+Tag = Union[int, Sequence[int]]  # one token id, or the ids of a tag of several tokens
+
+
+def _seq(tag: Tag | None) -> tuple[int, ...]:
+    return () if tag is None else (int(tag),) if isinstance(tag, int) else tuple(int(i) for i in tag)
+
+
+def _last_end(ids: Sequence[int], seq: tuple[int, ...], start: int = 0) -> int:
+    """Index just after the last complete occurrence of `seq` in ids[start:], or -1."""
+    k = len(seq)
+    for end in range(len(ids), start + k - 1, -1):
+        if tuple(ids[end - k:end]) == seq:
+            return end
+    return -1
 
 
 class ForbidTokens:
@@ -36,14 +53,16 @@ class ForbidTokens:
     Counts how often it was applied (`applied`) and how often a forbidden token was the greedy choice there
     (`changed`: the decisions the mask actually overrode)."""
 
-    def __init__(self, forbid_ids: Sequence[int], *, open_id: int, newline_id: int | None = None,
-                 close_id: int | None = None, position: str = AFTER_OPEN):
+    def __init__(self, forbid_ids: Sequence[int], *, open_id: Tag, newline_id: int | None = None,
+                 close_id: Tag | None = None, position: str = AFTER_OPEN):
         if position not in POSITIONS:
             raise UserError(f"unknown mask position {position!r}: use {' or '.join(POSITIONS)}")
         self.forbid = torch.tensor(sorted(set(int(i) for i in forbid_ids)), dtype=torch.long)
-        self.open_id, self.newline_id, self.close_id, self.position = open_id, newline_id, close_id, position
-        self.role_ids = {r: i for r, i in (("tool_open", open_id), ("newline", newline_id), ("tool_close", close_id))
-                         if i is not None}
+        self.open_seq, self.close_seq = _seq(open_id), _seq(close_id)
+        self.newline_id, self.position = newline_id, position
+        tags = {r: s for r, s in (("tool_open", self.open_seq), ("newline", _seq(newline_id)),
+                                  ("tool_close", self.close_seq)) if s}
+        self.role_ids = RoleIds({r: s[0] for r, s in tags.items()}, tags)
         self.applied = 0
         self.changed = 0
 
@@ -54,11 +73,11 @@ class ForbidTokens:
         return [i for i, g in enumerate(gen) if self._in_call(g)]
 
     def _in_call(self, gen: Sequence[int]) -> bool:
-        """The last tool_open has no tool_close after it."""
-        last_open = max((i for i, t in enumerate(gen) if t == self.open_id), default=-1)
-        if last_open < 0:
+        """The last complete tool_open has no complete tool_close after it."""
+        opened = _last_end(gen, self.open_seq)
+        if opened < 0:
             return False
-        return self.close_id is None or self.close_id not in gen[last_open + 1:]
+        return not self.close_seq or _last_end(gen, self.close_seq, opened) < 0
 
     def __call__(self, gen: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
         rows = self.rows(gen)
@@ -82,7 +101,7 @@ class ObserveAfterOpen:
     `after_tag` (the same as `after_open` for a tokenizer without a newline token, which never has them)."""
 
     def __init__(self, roles: ControlTokens):
-        self.role_ids = dict(roles.ids)
+        self.role_ids = roles.all_ids()  # every role's first piece; multi-token tags carry their sequences
         self.open_id = roles.ids.get("tool_open")
         self.newline_id = roles.ids.get("newline")
         self.sums: dict[str, dict[str, float]] = {AFTER_TAG: {}, AFTER_OPEN: {}}
@@ -154,7 +173,8 @@ def masked_eval(model: torch.nn.Module, tok: Any, roles_to_mask: Sequence[str] |
 
     roles = roles or resolve_control_tokens(tok)
     if "tool_open" not in roles.ids:
-        raise UserError("the tokenizer has no single tool_open token (<tool_call>): the masked probe needs it")
+        raise UserError(f"the tokenizer has no tool_open tag ({roles.unresolved.get('tool_open', 'not resolved')}): "
+                        "the masked probe needs it")
     role_p: dict[str, float] = {}
     if roles_to_mask is None:
         if probe is None:
@@ -167,11 +187,11 @@ def masked_eval(model: torch.nn.Module, tok: Any, roles_to_mask: Sequence[str] |
         selection, masked = "given", list(roles_to_mask)
     unknown = [r for r in masked if r not in roles.ids]
     if unknown:
-        raise UserError(f"cannot mask {', '.join(unknown)}: not a single control token in this tokenizer "
+        raise UserError(f"cannot mask {', '.join(unknown)}: not a control role of this tokenizer "
                         f"(resolved roles: {', '.join(sorted(roles.ids))})")
     def run(names):
-        proc = ForbidTokens([roles.ids[r] for r in names], open_id=roles.ids["tool_open"],
-                            newline_id=roles.ids.get("newline"), close_id=roles.ids.get("tool_close"),
+        proc = ForbidTokens([roles.ids[r] for r in names], open_id=roles.sequence("tool_open"),
+                            newline_id=roles.ids.get("newline"), close_id=roles.sequence("tool_close") or None,
                             position=position)
         return evaluate_format(model, tok, fmt, n=n, max_turns=max_turns, logits_processor=proc), proc
 

@@ -65,6 +65,8 @@ class TrainConfig:
     # SFT
     sft_batch: int = _knob(32, ge=1)
     retry_frac: float = _knob(0.1, ge=0, le=1)  # oracle traces holding one "empty call -> tool error -> retry"
+    # "oracle": hermes oracle trajectories; "instruct": the multi-syntax mixture plus plain Q/A (train/instruct.py)
+    sft_data: str = _knob("oracle", choices=("oracle", "instruct"))
     # GRPO
     prompts_per_step: int = _knob(8, ge=1)
     group_size: int = _knob(8, ge=2)  # group-normalised advantages need two samples to compare
@@ -72,6 +74,7 @@ class TrainConfig:
     clip_eps: float = _knob(0.2, gt=0)
     kl_coef: float = _knob(0.0, ge=0)
     max_turns: int = _knob(8, ge=1)
+    harness: str = _knob("strict", choices=("strict", "paper"))  # world.episode: what a malformed turn does
     max_new_tokens: int = _knob(40, ge=1)
     reward: RewardSpec = field(default_factory=RewardSpec)
     # interleaved SFT+RL: every `sft_every` RL steps, `sft_steps` SFT steps on oracle data of failed prompts
@@ -102,7 +105,8 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values: enums as their strings, the reward as a dict."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in _FIELDS_WRITTEN_WHEN_SET or getattr(self, f.name) != f.default}
         out = {k: v.value if isinstance(v, Enum) else v for k, v in out.items()}
         out["reward"] = _reward_dict(self.reward)
         return out
@@ -129,6 +133,11 @@ class TrainConfig:
         except json.JSONDecodeError as exc:
             raise UserError(f"a train config must be JSON ({exc.msg} at line {exc.lineno})") from None
         return cls.from_dict(data)
+
+
+# Fields added after the first configs were written appear in config.json only when set away from their default,
+# so older configs, and the cached models' keys (a hash of to_json), stay as they were.
+_FIELDS_WRITTEN_WHEN_SET = ("sft_data", "harness")
 
 
 def apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:

@@ -1,19 +1,31 @@
 """Multi-turn GRPO: group-normalised advantages, PPO-clipped token objective, optional KL to a reference.
 
 Whole trajectories are scored; observation (tool response) tokens and the prompt are masked from the loss.
-The control-token capture reads the log-softmax this loss computes anyway (no second vocabulary tensor).
+
+Memory: the policy forward runs in micro-batches sized so one micro-batch's logits stay within
+`LOGITS_BUDGET` floats, and token log-probs are gathered from that micro-batch's log-softmax, so no tensor ever
+spans the whole batch x vocabulary (the tiny model's 64 trajectories are one micro-batch, a 49k-vocabulary
+model's are many). Within a micro-batch the fused log-softmax is kept rather than TRL's logsumexp + gather: the
+memory is bounded by the budget either way, and on CPU it is twice as fast. The control-token capture reads the
+decision rows of that log-softmax (no second vocabulary tensor). Several micro-batches are backpropagated one at a time: with
+`backward=True` here (the returned loss is then only a number), otherwise through activation checkpoints, so
+the caller's single `loss.backward()` still holds one micro-batch's activations at a time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from collapse_probe import schema
-from collapse_probe.capture.stats import decision_positions, position_stats
+from collapse_probe.capture.stats import RecordMeans, decision_positions, position_stats
 from collapse_probe.train.rollout import Trajectory
 from collapse_probe.train.sft import collate
+
+LOGITS_BUDGET = 1 << 26  # floats of [rows, T, V] logits one micro-batch may hold (256 MB)
+_ENTROPY_FLOATS = 1 << 22  # floats of full-vocabulary rows the entropy metric reads at once (16 MB)
 
 
 def group_advantages(trajs: list[Trajectory], *, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
@@ -33,45 +45,130 @@ def group_advantages(trajs: list[Trajectory], *, eps: float = 1e-4, scale: bool 
 class GRPOLossOut:
     loss: torch.Tensor
     metrics: dict[str, float]
+    backward_done: bool = False  # True: gradients are already in .grad (grpo_loss(..., backward=True))
+
+
+def token_logp(logits: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of each `index` token, the log-softmax) of one micro-batch's logits."""
+    logp_all = torch.log_softmax(logits, dim=-1)
+    return logp_all.gather(-1, index[..., None]).squeeze(-1), logp_all
+
+
+def micro_batches(n: int, width: int, vocab: int, size: int | None = None) -> list[slice]:
+    """Row slices of at most `size` sequences (default: as many as fit `LOGITS_BUDGET`)."""
+    size = size or max(1, LOGITS_BUDGET // max(1, width * vocab))
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _logits(model, ids: torch.Tensor, attn: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
+    return logits if temperature == 1.0 else logits / temperature
+
+
+@dataclass
+class _Sums:
+    """Per-step numbers added over micro-batches (divided once at the end)."""
+
+    pg: float = 0.0
+    kl: float = 0.0
+    clip: float = 0.0
+    gap: float = 0.0
+    ent: float = 0.0
+    ent_rows: int = 0
+    capture: RecordMeans = field(default_factory=RecordMeans)
+    single: dict[str, float] | None = None  # one micro-batch: its capture record as computed
+
+
+def _vocab(model) -> int:
+    return int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
 
 
 def grpo_loss(model, trajs: list[Trajectory], advantages: torch.Tensor, *, pad_id: int, clip_eps: float = 0.2,
               kl_coef: float = 0.0, ref_model=None, temperature: float = 1.0,
-              role_ids: dict[str, int] | None = None) -> GRPOLossOut:
+              role_ids: dict[str, int] | None = None, micro_batch: int | None = None,
+              backward: bool = False) -> GRPOLossOut:
+    """The GRPO loss of `trajs` and its metrics (capture keys when `role_ids` is given). `micro_batch`: sequences
+    per policy forward (default: by `LOGITS_BUDGET`). `backward=True` backpropagates each micro-batch here and
+    returns the loss detached (`backward_done`): no recomputation, the cheapest way for a large vocabulary."""
     batch = collate([t.ids for t in trajs], [t.gen_mask for t in trajs], pad_id, extra=[t.old_logp for t in trajs])
-    ids, attn = batch["input_ids"], batch["attention_mask"]
-    mask = batch["loss_mask"][:, 1:].float()
+    ids, attn, gen = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    mask = gen[:, 1:].float()
     old_logp = batch["extra"][:, 1:]
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float() / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    target = ids[:, 1:]
-    logp = logp_all.gather(-1, target[..., None]).squeeze(-1)
-    ratio = torch.exp(logp - old_logp)
-    adv = advantages[:, None]
-    obj = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
     n_tok = mask.sum().clamp(min=1)
-    pg_loss = -(obj * mask).sum() / n_tok
-    metrics: dict[str, float] = {}
-    loss = pg_loss
+    adv_all = advantages.float()
+    parts = micro_batches(ids.shape[0], ids.shape[1], _vocab(model) or 1, micro_batch)
+    ref_logp = None
     if kl_coef > 0 and ref_model is not None:
         with torch.no_grad():
-            ref_logits = ref_model(input_ids=ids, attention_mask=attn).logits[:, :-1].float() / temperature
-            ref_logp = torch.log_softmax(ref_logits, -1).gather(-1, target[..., None]).squeeze(-1)
-        d = ref_logp - logp
-        kl = (torch.exp(d) - d - 1)  # k3 estimator, >= 0
-        kl_mean = (kl * mask).sum() / n_tok
-        loss = loss + kl_coef * kl_mean
-        metrics[schema.KL] = float(kl_mean.detach())
-    with torch.no_grad():
-        sel = mask.bool()
-        rows = logp_all[sel]  # entropy of generated positions, a trainer metric like TRL's
-        metrics["entropy"] = float(-(rows.exp() * rows).sum(-1).mean()) if rows.numel() else float("nan")
-        metrics["clip_ratio"] = float((((ratio - 1).abs() > clip_eps).float() * mask).sum() / n_tok)
-        metrics["sampling/logp_gap"] = float(((logp - old_logp).abs() * mask).sum() / n_tok)
-        metrics["pg_loss"] = float(pg_loss.detach())
-        if role_ids:
-            pos = decision_positions(ids, batch["loss_mask"], role_ids)  # t predicts t+1, both in range
-            metrics.update(position_stats(logp_all, ids, pos, role_ids, is_logp=True, source="rollout",
-                                          advantages=advantages))
-    return GRPOLossOut(loss, metrics)
+            ref_logp = torch.cat([token_logp(_logits(ref_model, ids[s], attn[s], temperature), ids[s, 1:])[0]
+                                  for s in parts])
+    sums = _Sums()
+    done: set[int] = set()
 
+    def part_loss(i: int, s: slice) -> torch.Tensor:
+        logp, logp_all = token_logp(_logits(model, ids[s], attn[s], temperature), ids[s, 1:])
+        m, adv = mask[s], adv_all[s, None]
+        ratio = torch.exp(logp - old_logp[s])
+        obj = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+        pg = -(obj * m).sum() / n_tok
+        loss = pg
+        kl = None
+        if ref_logp is not None:
+            d = ref_logp[s] - logp
+            kl = ((torch.exp(d) - d - 1) * m).sum() / n_tok  # k3 estimator, >= 0
+            loss = loss + kl_coef * kl
+        if i not in done:  # a checkpoint's recomputation in backward does not count twice
+            done.add(i)
+            _measure(sums, logp_all, logp, ratio, m, pg, kl, ids[s], gen[s], adv_all[s], old_logp[s],
+                     clip_eps, role_ids, single=len(parts) == 1)
+        return loss
+
+    if backward:
+        total = 0.0
+        for i, s in enumerate(parts):
+            loss_i = part_loss(i, s)
+            loss_i.backward()
+            total += float(loss_i.detach())
+        loss = torch.tensor(total)
+    elif len(parts) == 1:
+        loss = part_loss(0, parts[0])
+    else:
+        loss = sum(checkpoint(part_loss, i, s, use_reentrant=False) for i, s in enumerate(parts))
+    return GRPOLossOut(loss, _metrics(sums, float(n_tok), ref_logp is not None), backward_done=backward)
+
+
+@torch.no_grad()
+def _measure(sums: _Sums, logp_all, logp, ratio, m, pg, kl, ids, gen, adv, old_logp, clip_eps: float,
+             role_ids, *, single: bool) -> None:
+    sums.pg += float(pg.detach())
+    if kl is not None:
+        sums.kl += float(kl.detach())
+    sums.clip += float((((ratio - 1).abs() > clip_eps).float() * m).sum())
+    sums.gap += float(((logp - old_logp).abs() * m).sum())
+    # entropy of generated positions (a trainer metric like TRL's), in row chunks: no [N, T, V] log-softmax
+    r, c = torch.nonzero(m.bool(), as_tuple=True)
+    step = max(1, _ENTROPY_FLOATS // max(1, logp_all.shape[-1]))
+    for j in range(0, r.numel(), step):
+        lp = logp_all[r[j:j + step], c[j:j + step]]
+        sums.ent += float(-(lp.exp() * lp).sum())
+    sums.ent_rows += int(r.numel())
+    if role_ids:
+        pos = decision_positions(ids, gen, role_ids)  # t predicts t+1, both in range
+        rec = position_stats(logp_all, ids, pos, role_ids, is_logp=True, source=schema.Source.ROLLOUT.value,
+                             advantages=adv)
+        if single:
+            sums.single = rec
+        else:
+            sums.capture.add(rec, schema.Source.ROLLOUT.value)
+
+
+def _metrics(sums: _Sums, n_tok: float, with_kl: bool) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    if with_kl:
+        metrics[schema.KL] = sums.kl
+    metrics[schema.ENTROPY] = sums.ent / sums.ent_rows if sums.ent_rows else float("nan")
+    metrics["clip_ratio"] = sums.clip / n_tok
+    metrics["sampling/logp_gap"] = sums.gap / n_tok
+    metrics["pg_loss"] = sums.pg
+    metrics.update(sums.single if sums.single is not None else sums.capture.pop())
+    return metrics

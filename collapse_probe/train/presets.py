@@ -1,14 +1,20 @@
 """Named training presets that make the phenomenon reproducible on a CPU.
 
-    sft            from scratch to a competent tool user (oracle data, a few "empty call -> retry" traces)
-    grpo-collapse  GRPO from the SFT model with a per-turn format bonus for opening a tool call and a high
-                   learning rate: the end-of-turn token after `<tool_call>\\n` spikes, turns become a bare tag,
-                   success falls
-    grpo-stable    same start, outcome-only reward (as in the paper), gentler learning rate, KL anchor
-    interleaved    grpo-collapse's settings plus one SFT step on failed prompts every 2 RL steps
+    sft               from scratch to a competent tool user (oracle data, a few "empty call -> retry" traces)
+    instruct          from scratch on the multi-syntax mixture (train/instruct.py): the tiny model's
+                      "Qwen2.5-Instruct", competent but imperfect in the canonical syntax, able in the others
+    instruct-sft      tool SFT (canonical oracle data) of the instruct model: the paper's SFT-first start
+    grpo-outcome      the paper's collapse: GRPO from the instruct model, binary 0/1 outcome reward, no format
+                      term, the paper-like harness (world.episode PAPER), up to 30 turns
+    grpo-outcome-sft  the same RL from instruct-sft (the paper's SFT-first arm, expected stabler)
+    grpo-collapse     a second collapse form, format-bonus reward hacking: GRPO from the sft model with a
+                      per-turn bonus for opening a tool call; the bare-tag turn farms the bonus (12 x 0.5
+                      beats a correct answer's 1.0 + 2-4 x 0.5), so the spike is GRPO maximising the reward
+    grpo-stable       from sft, outcome-only reward, gentler learning rate, KL anchor
+    interleaved       grpo-collapse's settings plus one SFT step on failed prompts every 2 RL steps
 
-The RL presets start from the `sft` result: trained on first use and cached (keyed by the SFT config), or
-`--init DIR`.
+Every preset but `sft` and `instruct` starts from another preset's result (`START`), trained on first use and
+cached (keyed by the config chain), or from `--init DIR`.
 """
 
 from __future__ import annotations
@@ -29,14 +35,28 @@ _BONUS_REWARD = RewardSpec(correct=1.0, wrong=0.0, no_answer=0.0, tag_bonus=0.5,
 _OUTCOME_REWARD = RewardSpec(correct=1.0, wrong=0.0, no_answer=0.0, tag_bonus=0.0, max_bonus_tags=12)
 _RL = dict(steps=50, warmup_steps=10, max_turns=12, eval_every=0, probe_every=5, save_every=5)
 
+_PAPER_RL = dict(steps=60, warmup_steps=5, max_turns=30, harness="paper", eval_every=0, probe_every=5, save_every=5)
+
 PRESETS: dict[str, TrainConfig] = {
     "sft": TrainConfig(mode=Mode.SFT, size="tiny", steps=500, lr=3e-3, lr_schedule=Schedule.COSINE, sft_batch=32,
                        retry_frac=0.1, eval_every=100, probe_every=25, save_every=0),
+    "instruct": TrainConfig(mode=Mode.SFT, size="tiny", steps=600, lr=3e-3, lr_schedule=Schedule.COSINE,
+                            sft_batch=32, retry_frac=0.05, sft_data="instruct", eval_every=0, probe_every=0,
+                            save_every=0),
+    "instruct-sft": TrainConfig(mode=Mode.SFT, steps=100, lr=1e-3, lr_schedule=Schedule.COSINE, sft_batch=32,
+                                retry_frac=0.05, eval_every=0, probe_every=0, save_every=0),
+    "grpo-outcome": TrainConfig(mode=Mode.GRPO, lr=5e-4, reward=_OUTCOME_REWARD, **_PAPER_RL),
+    "grpo-outcome-sft": TrainConfig(mode=Mode.GRPO, lr=5e-4, reward=_OUTCOME_REWARD, **_PAPER_RL),
     "grpo-collapse": TrainConfig(mode=Mode.GRPO, lr=5e-4, reward=_BONUS_REWARD, **_RL),
     "grpo-stable": TrainConfig(mode=Mode.GRPO, lr=2e-4, kl_coef=0.05, reward=_OUTCOME_REWARD, **_RL),
     "interleaved": TrainConfig(mode=Mode.INTERLEAVED, lr=5e-4, reward=_BONUS_REWARD, sft_every=2, sft_steps=1,
                                sft_lr=5e-4, **_RL),
 }
+
+
+# preset -> the preset whose model it starts from (absent: built from scratch)
+START: dict[str, str] = {"instruct-sft": "instruct", "grpo-outcome": "instruct", "grpo-outcome-sft": "instruct-sft",
+                         "grpo-collapse": "sft", "grpo-stable": "sft", "interleaved": "sft"}
 
 
 def get_preset(name: str, **overrides: Any) -> TrainConfig:
@@ -52,16 +72,49 @@ def cache_dir() -> Path:
 
 
 def sft_checkpoint(*, progress: Callable[[int, dict], None] | None = None, steps: int | None = None) -> Path:
-    """The cached SFT model every RL preset starts from; trained (seed 0) on first use."""
-    cfg = get_preset("sft", steps=steps)
-    key = hashlib.sha1(cfg.to_json().encode()).hexdigest()[:10]
-    run = cache_dir() / f"sft-{key}"
-    ckpt = run / f"checkpoint-{cfg.steps}"
+    """The cached SFT model the format-bonus presets start from; trained (seed 0) on first use."""
+    return cached_model("sft", progress=progress, steps=steps)
+
+
+def start_chain(preset: str) -> list[str]:
+    """The presets whose models `preset` starts from, the first one built from scratch: ["instruct",
+    "instruct-sft"] for grpo-outcome-sft, [] for sft."""
+    chain: list[str] = []
+    while preset in START:
+        preset = START[preset]
+        chain.insert(0, preset)
+    return chain
+
+
+def is_cached(name: str) -> bool:
+    """Whether `cached_model(name)` would return at once (every preset of its chain trained already)."""
+    return (_cache_entry(name)[1] / "model.safetensors").exists()
+
+
+def cached_model(name: str, *, progress: Callable[[int, dict], None] | None = None,
+                 steps: int | None = None) -> Path:
+    """The last checkpoint of preset `name` trained with seed 0, from the cache or trained now (and the presets
+    it starts from, first). The key hashes the config chain, so a changed preset trains afresh."""
+    cfg, ckpt = _cache_entry(name, steps)
     if (ckpt / "model.safetensors").exists():
         return ckpt
+    run = ckpt.parent
+    if name in START:
+        cfg.init = str(cached_model(START[name]))
     from collapse_probe.train.trainer import train  # torch: only when a model is trained
 
     if run.exists():  # a killed earlier attempt: start clean, the log is append-only otherwise
         import shutil
         shutil.rmtree(run)
     return train(cfg, run, progress=progress)
+
+
+def _cache_entry(name: str, steps: int | None = None) -> tuple[TrainConfig, Path]:
+    """(config, last checkpoint path) of preset `name` in the cache; the key hashes the config and, for a preset
+    that starts from another, that one's key (not its path: the cache may move)."""
+    cfg = get_preset(name, steps=steps)
+    key_text = cfg.to_json()
+    if name in START:
+        key_text += "\nstart:" + _cache_entry(START[name])[1].parent.name
+    run = cache_dir() / f"{name}-{hashlib.sha1(key_text.encode()).hexdigest()[:10]}"
+    return cfg, run / f"checkpoint-{cfg.steps}"

@@ -127,8 +127,8 @@ def rollout(model, tokenizer, tasks: list[world.Task], *, group_size: int = 1, m
             max_new_tokens: int = 48, temperature: float = 1.0, greedy: bool = False,
             reward: world.RewardSpec | None = None, seed: int | None = None, system: str | None = None,
             parse: Callable[[str], tuple[list[dict], str | None]] | None = None,
-            logits_processor: LogitsProcessor | None = None) -> list[Trajectory]:
-    """Sample `group_size` conversations per task with the environment in the loop."""
+            logits_processor: LogitsProcessor | None = None, harness: str = world.STRICT) -> list[Trajectory]:
+    """Sample `group_size` conversations per task with the environment in the loop (`harness`: world.episode)."""
     reward = reward or world.RewardSpec()
     eos_id, pad_id = tokenizer.convert_tokens_to_ids(world.IM_END), tokenizer.pad_token_id
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -138,7 +138,7 @@ def rollout(model, tokenizer, tasks: list[world.Task], *, group_size: int = 1, m
     for g, task in enumerate(tasks):
         prompt = tokenizer.encode(world.prompt_text(task, system), add_special_tokens=False)
         for _ in range(group_size):
-            ep = world.Episode(task, max_turns=max_turns, parse=parse or world.parse_calls)
+            ep = world.Episode(task, max_turns=max_turns, parse=parse or world.parse_calls, harness=harness)
             trajs.append(Trajectory(task, ep, list(prompt), [0] * len(prompt), [0.0] * len(prompt), group=g))
     live = list(range(len(trajs)))
     session = DecodeSession(model, pad_id)

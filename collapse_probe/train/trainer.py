@@ -22,7 +22,7 @@ from collapse_probe.formats.classify import FormatSpec, classify_turn
 from collapse_probe.runlog import RolloutLog, RunLog, lock_run_dir, unlock_run_dir
 from collapse_probe.schema import FORMAT_VALID, HEALTHY_STATES, FormatState, reason_key, state_key
 from collapse_probe.tokens import resolve_control_tokens
-from collapse_probe.train import grpo, sft, tiny
+from collapse_probe.train import grpo, instruct, sft, tiny
 from collapse_probe import schema, world
 from collapse_probe.train.config import Mode, Schedule, TrainConfig
 from collapse_probe.train.run_files import check_run_dir, remove_run_files
@@ -78,7 +78,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dic
             rec.update(probe.score(model))
         if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps:
             rec[schema.EVAL_SUCCESS] = evaluate(model, tok, n=cfg.eval_tasks, max_turns=cfg.max_turns,
-                                           max_new_tokens=cfg.max_new_tokens)
+                                                max_new_tokens=cfg.max_new_tokens, harness=cfg.harness)
         if step == cfg.steps:  # the last record only measures; no update after it
             rec[schema.STEP_TIME] = time.time() - t0
             log.append(rec)
@@ -93,7 +93,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dic
                                      run_seed=cfg.seed)
             trajs = rollout(model, tok, tasks, group_size=cfg.group_size, max_turns=cfg.max_turns,
                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, reward=cfg.reward,
-                            seed=cfg.seed * 100_003 + step)
+                            seed=cfg.seed * 100_003 + step, harness=cfg.harness)
             adv = grpo.group_advantages(trajs)
             out_loss = grpo.grpo_loss(model, trajs, adv, pad_id=tok.pad_token_id, clip_eps=cfg.clip_eps,
                                       kl_coef=cfg.kl_coef, ref_model=ref_model, temperature=cfg.temperature,
@@ -125,14 +125,17 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dic
 def _load(cfg: TrainConfig):
     if cfg.init:
         model, tok = tiny.load_pretrained(cfg.init)
-    else:
-        tok = tiny.build_tokenizer()
+    else:  # the instruct mixture brings its own BPE merges (other syntaxes' punctuation)
+        tok = tiny.build_tokenizer(instruct.instruct_corpus() if cfg.sft_data == "instruct" else None)
         model = tiny.build_model(tok, cfg.size, seed=cfg.seed)
     return model, tok
 
 
 def sft_step(model, opt, tok, tasks, cfg: TrainConfig, rng: random.Random, lr: float | None = None) -> dict:
-    seqs, masks = sft.oracle_batch(tok, tasks, retry_frac=cfg.retry_frac, rng=rng)
+    if cfg.sft_data == "instruct":
+        seqs, masks = instruct.instruct_batch(tok, tasks, retry_frac=cfg.retry_frac, rng=rng)
+    else:
+        seqs, masks = sft.oracle_batch(tok, tasks, retry_frac=cfg.retry_frac, rng=rng)
     batch = sft.collate(seqs, masks, tok.pad_token_id)
     previous = opt.param_groups[0]["lr"]
     if lr is not None:
@@ -201,11 +204,11 @@ def _rollout_row(t, tok, step: int) -> dict:
 
 @torch.no_grad()
 def evaluate(model, tok, *, n: int = 64, max_turns: int = 8, max_new_tokens: int = 40, offset: int = 0,
-             system: str | None = None, parse=None, logits_processor=None) -> float:
+             system: str | None = None, parse=None, logits_processor=None, harness: str = world.STRICT) -> float:
     """Greedy success on held-out tasks (the eval split never overlaps training seeds)."""
     tasks = world.task_split("eval", n, offset=offset)
     trajs = rollout(model, tok, tasks, group_size=1, max_turns=max_turns, max_new_tokens=max_new_tokens,
-                    greedy=True, system=system, parse=parse, logits_processor=logits_processor)
+                    greedy=True, system=system, parse=parse, logits_processor=logits_processor, harness=harness)
     return sum(t.success for t in trajs) / len(trajs)
 
 

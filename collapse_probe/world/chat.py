@@ -22,13 +22,19 @@ def observation_text(obs: str) -> str:
 def encode_trajectory(tokenizer, task: Task, *, empty_call_retries: int = 0,
                       retry_at: int = 0, system: str | None = None) -> tuple[list[int], list[int]]:
     """(ids, loss_mask) for the oracle solution of `task`; loss_mask marks assistant tokens."""
-    eos = tokenizer.convert_tokens_to_ids(IM_END)
-    ids = tokenizer.encode(prompt_text(task, system), add_special_tokens=False)
-    mask = [0] * len(ids)
     turns = oracle_turns(task)
     if empty_call_retries:  # "bare open tag -> tool error -> retry" inserted before call `retry_at`
         retry = oracle_turns(task, empty_call_retries=empty_call_retries)[:empty_call_retries]
         turns = turns[:retry_at] + retry + turns[retry_at:]
+    return encode_conversation(tokenizer, prompt_text(task, system), turns)
+
+
+def encode_conversation(tokenizer, prompt: str, turns: list[tuple[str, str | None]]) -> tuple[list[int], list[int]]:
+    """(ids, loss_mask) for a prompt then (assistant turn, observation or None) pairs; loss_mask marks the
+    assistant tokens, each turn closed by the end-of-turn token."""
+    eos = tokenizer.convert_tokens_to_ids(IM_END)
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    mask = [0] * len(ids)
     for turn, obs in turns:
         seg = tokenizer.encode(turn, add_special_tokens=False) + [eos]
         ids += seg

@@ -1,8 +1,14 @@
 """One conversation with the tool world: parse each assistant turn, execute its calls, answer or end.
 
-The harness is strict by default: a call it cannot execute (broken JSON, an unclosed tag, an unknown tool, a bad
-argument) ends the episode, as does running out of turns. Only an empty call (`<tool_call>` and nothing in it)
-gets an error observation and the episode goes on; `Episode(end_on_call_error=False)` answers every error.
+Two harnesses (`Episode.harness`):
+
+    strict  (default) a call it cannot execute (broken JSON, an unclosed tag, an unknown tool, a bad argument)
+            ends the episode, as does running out of turns. Only an empty call (`<tool_call>` and nothing in it)
+            gets an error observation and the episode goes on; `end_on_call_error=False` answers every error.
+    paper   what the paper's BFCL harness does (Tool-RL-Box): a turn without a closed, readable call is a text
+            reply and ends the episode (a bare `<tool_call>` is an empty reply the checker fails; closed calls
+            with bad JSON are dropped); an execution error is an observation and the episode goes on; the
+            episode ends at the answer or at `max_turns` (the paper allows 30).
 """
 
 from __future__ import annotations
@@ -23,6 +29,14 @@ def parse_calls(text: str) -> tuple[list[dict], str | None]:
     return parse_tagged(text, TOOL_OPEN, TOOL_CLOSE)
 
 
+STRICT, PAPER = "strict", "paper"
+HARNESSES = (STRICT, PAPER)
+
+
+def _observation(results: list[dict]) -> str:
+    return "\n".join(f"{RESP_OPEN}\n{json.dumps(r)}\n{RESP_CLOSE}" for r in results)
+
+
 @dataclass
 class Episode:
     """Environment state of one conversation. `step(text)` consumes one assistant turn."""
@@ -37,6 +51,11 @@ class Episode:
     n_errors: int = 0
     parse: Callable[[str], tuple[list[dict], str | None]] = parse_calls  # swap for other call syntaxes
     end_on_call_error: bool = True  # a call that cannot be executed ends the episode; an empty call does not
+    harness: str = STRICT  # STRICT or PAPER (module docstring)
+
+    def __post_init__(self) -> None:
+        if self.harness not in HARNESSES:
+            raise ValueError(f"unknown harness {self.harness!r}: use one of {', '.join(HARNESSES)}")
 
     def step(self, text: str) -> str | None:
         """Apply one assistant turn (special tokens removed except tool tags). Returns the observation text
@@ -44,6 +63,8 @@ class Episode:
         self.turns.append(text)
         self.n_tags += TOOL_OPEN in text  # turns that open a call: repeating the tag in one turn pays nothing
         calls, error = self.parse(text)
+        if self.harness == PAPER:
+            return self._paper_step(text, calls)
         if error is None and not calls:  # a plain response ends the episode
             self.done, self.final_answer = True, text
             return None
@@ -64,7 +85,19 @@ class Episode:
         if len(self.turns) >= self.max_turns:
             self.done = True
             return None
-        return "\n".join(f"{RESP_OPEN}\n{json.dumps(r)}\n{RESP_CLOSE}" for r in results)
+        return _observation(results)
+
+    def _paper_step(self, text: str, calls: list[dict]) -> str | None:
+        if not calls:  # no closed, readable call: a text reply (for a bare tag, an empty one) ends the episode
+            self.done, self.final_answer = True, text
+            return None
+        self.n_calls += len(calls)
+        results = [self.task.execute(c["name"], c["arguments"]) for c in calls]
+        self.n_errors += sum("error" in r for r in results)  # errors are observations: the episode goes on
+        if len(self.turns) >= self.max_turns:
+            self.done = True
+            return None
+        return _observation(results)
 
     @property
     def success(self) -> bool:

@@ -62,13 +62,17 @@ IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, TOOL_OPEN, TOOL_CLOSE, RESP_OPEN, RESP_CLOSE]
 
 
-def system_prompt(tools: list[dict] = TOOLS) -> str:
-    """A Qwen2.5-style tool prompt kept short for CPU training: one compact JSON schema line per tool."""
+HERMES_INSTRUCTION = ("Call a tool as <tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}"
+                      "\n</tool_call>")
+
+
+def system_prompt(tools: list[dict] = TOOLS, call_instruction: str | None = None) -> str:
+    """A Qwen2.5-style tool prompt kept short for CPU training: one compact JSON schema line per tool, then the
+    sentence that says how to call a tool (Hermes tags unless another syntax's `call_instruction` is given)."""
     lines = "\n".join(json.dumps({"name": t["name"], "parameters": {k: v["type"] for k, v in
                                                                      t["parameters"]["properties"].items()}})
                        for t in tools)
-    return ("# Tools\n<tools>\n" + lines + "\n</tools>\nCall a tool as <tool_call>\n{\"name\": <function-name>, "
-            "\"arguments\": <args-json-object>}\n</tool_call>")
+    return "# Tools\n<tools>\n" + lines + "\n</tools>\n" + (call_instruction or HERMES_INSTRUCTION)
 
 
 def render_call(name: str, arguments: dict) -> str:
