@@ -29,6 +29,8 @@ CORPUS = {
     "interleaved": ("interleaved", {}),
     "collapse-lr3e-4": ("grpo-collapse", {"lr": 3e-4}),
     "stable-lr5e-4": ("grpo-stable", {"lr": 5e-4}),
+    "outcome": ("grpo-outcome", {}),  # binary outcome reward, the paper-like harness, from the instruct model
+    "outcome-sft": ("grpo-outcome-sft", {}),  # the same RL from instruct + tool SFT (the paper's SFT-first arm)
 }
 SEEDS = (0, 1, 2, 3, 4)
 KIND_NAMES = {"control_spike": "control_token (ours)", "format_breakage": "format_breakage (ours)",
@@ -38,12 +40,12 @@ KIND_NAMES = {"control_spike": "control_token (ours)", "format_breakage": "forma
 
 def train_missing(corpus: Path, names: list[str], seeds: tuple[int, ...], steps: int | None, threads: int) -> None:
     from collapse_probe.runlog import read_records
-    from collapse_probe.train.presets import get_preset, sft_checkpoint
+    from collapse_probe.train.presets import START, cached_model, get_preset
     from collapse_probe.train.trainer import train
 
-    init = str(sft_checkpoint())
     for name in names:
         preset, overrides = CORPUS[name]
+        init = str(cached_model(START[preset]))  # each preset starts from its own cached model
         for seed in seeds:
             run = corpus / f"{name}-s{seed}"
             cfg = get_preset(preset, seed=seed, init=init, steps=steps, **overrides)
@@ -58,12 +60,13 @@ def train_missing(corpus: Path, names: list[str], seeds: tuple[int, ...], steps:
             train(cfg, run)
 
 
-def score(corpus: Path) -> dict:
+def score(corpora: list[Path]) -> dict:
     from collapse_probe.detect.monitor import replay
     from collapse_probe.timeline import Timeline
 
     rows = []
-    for run in sorted(p for p in corpus.iterdir() if (p / "metrics.jsonl").exists()):
+    runs = sorted(p for corpus in corpora for p in corpus.iterdir() if (p / "metrics.jsonl").exists())
+    for run in runs:
         tl = Timeline.from_run(run)
         v = replay(tl.records())
         d = v.to_dict()
@@ -74,7 +77,7 @@ def score(corpus: Path) -> dict:
             name = KIND_NAMES.get(ev.kind, ev.kind)
             if name in detectors and detectors[name] is None and ev.kind != "reward_drop":
                 detectors[name] = ev.detected_at if ev.detected_at is not None else ev.step
-        rows.append({"run": run.name, "collapsing": truth is not None, "reward_drop_step": truth,
+        rows.append({"run": f"{run.parent.name}/{run.name}", "collapsing": truth is not None, "reward_drop_step": truth,
                      "alarms": detectors})
     table = {}
     names = sorted({k for r in rows for k in r["alarms"]})
@@ -97,6 +100,8 @@ def score(corpus: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", type=Path, default=Path("runs/detection"))
+    ap.add_argument("--also", type=Path, action="append", default=[],
+                    help="score the runs of this directory too (repeatable; nothing is trained there)")
     ap.add_argument("--runs", default="collapse,stable,interleaved,collapse-lr3e-4",
                     help=f"comma-separated corpus entries from: {', '.join(CORPUS)}")
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
@@ -109,7 +114,7 @@ def main() -> None:
     if not args.no_train:
         train_missing(args.corpus, args.runs.split(","), tuple(int(s) for s in args.seeds.split(",")), args.steps,
                       args.threads)
-    result = score(args.corpus)
+    result = score([args.corpus, *args.also])
     if args.json:
         print(json.dumps(result))
         return

@@ -226,15 +226,28 @@ def plot(
     run_dir: Path = typer.Argument(..., help="Run dir or metrics JSONL."),
     out_stem: Optional[Path] = typer.Option(None, "--out", metavar="STEM",
                                             help="Output stem (default reports/<run name>/timeline)."),
+    pressure: bool = typer.Option(False, "--pressure", help="Draw the gradient pressure on end-of-turn and {\" "
+                                  "right after <tool_call>\\n instead (chosen/other parts; our GRPO trainer's runs)."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Draw the run's timeline (control-token probabilities, state mix, outcome, onsets) as PDF, SVG and PNG."""
-    from collapse_probe.report import plot_run
+    if pressure:
+        from collapse_probe.pressure_plot import plot_pressure
+        from collapse_probe.rundir import RunDir
+        from collapse_probe.timeline import Timeline
 
-    paths, verdict = plot_run(run_dir, out_stem)
-    if as_json:
-        print_json({"figures": [_show(p) for p in paths], "collapsed": bool(verdict.collapsed)})
-        return
+        run = RunDir(run_dir)
+        paths = plot_pressure(Timeline.from_run(run_dir), out_stem or Path("reports") / run.name / "pressure")
+        if as_json:
+            print_json({"figures": [_show(p) for p in paths]})
+            return
+    else:
+        from collapse_probe.report import plot_run
+
+        paths, verdict = plot_run(run_dir, out_stem)
+        if as_json:
+            print_json({"figures": [_show(p) for p in paths], "collapsed": bool(verdict.collapsed)})
+            return
     for p in paths:
         out.print(_show(p), highlight=False, soft_wrap=True)
 
