@@ -42,6 +42,19 @@ def test_paper_harness_unclosed_or_broken_calls_are_dropped_and_end_the_turn():
         assert ep.step(text) is None and ep.final_answer == text and not ep.success
 
 
+def test_paper_checker_reads_the_executed_calls_not_the_closing_text():
+    task = _task()
+    ep = world.Episode(task, max_turns=30, harness=world.PAPER)
+    for name, args, _ in task.oracle_calls()[:-1]:
+        ep.step(world.render_call(name, args))
+    assert not ep.success  # one call short
+    name, args, _ = task.oracle_calls()[-1]
+    ep.step(world.render_call(name, args))
+    assert ep.step(f"{world.TOOL_OPEN}\n") is None and ep.success  # an empty reply after the calls costs nothing
+    ep = world.Episode(task, max_turns=30, harness=world.PAPER)
+    assert ep.step(world.render_answer(task.answer)) is None and not ep.success  # the answer without the calls
+
+
 def test_paper_harness_ends_at_max_turns():
     task = _task()
     ep = world.Episode(task, max_turns=30, harness=world.PAPER)

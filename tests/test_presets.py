@@ -15,9 +15,9 @@ def test_grpo_outcome_is_binary_outcome_reward_under_the_paper_harness():
 
 
 def test_start_chain():
-    assert start_chain("grpo-outcome") == ["instruct"]
-    assert start_chain("grpo-outcome-sft") == ["instruct", "instruct-sft"]
-    assert start_chain("grpo-collapse") == ["sft"] and start_chain("sft") == [] == start_chain("instruct")
+    assert start_chain("grpo-outcome") == ["sft", "instruct"]
+    assert start_chain("grpo-outcome-sft") == ["sft", "instruct", "instruct-sft"]
+    assert start_chain("grpo-collapse") == ["sft"] == start_chain("instruct") and start_chain("sft") == []
     assert all(parent in presets.PRESETS for parent in START.values())
     assert get_preset("instruct").sft_data == "instruct" and get_preset("instruct-sft").sft_data == "oracle"
 

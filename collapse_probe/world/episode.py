@@ -8,7 +8,10 @@ Two harnesses (`Episode.harness`):
     paper   what the paper's BFCL harness does (Tool-RL-Box): a turn without a closed, readable call is a text
             reply and ends the episode (a bare `<tool_call>` is an empty reply the checker fails; closed calls
             with bad JSON are dropped); an execution error is an observation and the episode goes on; the
-            episode ends at the answer or at `max_turns` (the paper allows 30).
+            episode ends at the answer or at `max_turns` (the paper allows 30). The checker reads the executed
+            calls, as BFCL's multi-turn checker does (the ground truth's results must be among the model's):
+            success is every oracle call executed; the closing text is not graded, so once the calls are made
+            an empty reply costs nothing, while a bare tag before them fails the task.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ STRICT, PAPER = "strict", "paper"
 HARNESSES = (STRICT, PAPER)
 
 
+def _call_id(name: str, arguments: dict) -> str:
+    return json.dumps([name, arguments], sort_keys=True)
+
+
 def _observation(results: list[dict]) -> str:
     return "\n".join(f"{RESP_OPEN}\n{json.dumps(r)}\n{RESP_CLOSE}" for r in results)
 
@@ -52,6 +59,7 @@ class Episode:
     parse: Callable[[str], tuple[list[dict], str | None]] = parse_calls  # swap for other call syntaxes
     end_on_call_error: bool = True  # a call that cannot be executed ends the episode; an empty call does not
     harness: str = STRICT  # STRICT or PAPER (module docstring)
+    executed: set = field(default_factory=set)  # calls that ran without error (the PAPER checker reads them)
 
     def __post_init__(self) -> None:
         if self.harness not in HARNESSES:
@@ -94,6 +102,7 @@ class Episode:
         self.n_calls += len(calls)
         results = [self.task.execute(c["name"], c["arguments"]) for c in calls]
         self.n_errors += sum("error" in r for r in results)  # errors are observations: the episode goes on
+        self.executed.update(_call_id(c["name"], c["arguments"]) for c, r in zip(calls, results) if "error" not in r)
         if len(self.turns) >= self.max_turns:
             self.done = True
             return None
@@ -101,6 +110,8 @@ class Episode:
 
     @property
     def success(self) -> bool:
+        if self.harness == PAPER:  # BFCL-like: the ground truth's calls among the executed ones
+            return all(_call_id(name, args) in self.executed for name, args, _ in self.task.oracle_calls())
         if self.final_answer is None:
             return False
         words = re.findall(r"[A-Za-z0-9_]+", self.final_answer)
