@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: an open range would pull a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	# verl without its pins (they would downgrade transformers); the modules it imports come with [test]
+	$(BIN)/pip install -q --no-deps 'verl==0.9.1'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -318,7 +318,7 @@ def render(result: dict) -> str:
                      f"captures: {result['source']}")
         src = result.get("sources") or {}
         joined = [f"{what} {', '.join(map(str, src[key]))}" for key, what in
-                  (("tensorboard", "TensorBoard events"), ("rollouts", "rollout dumps"), ("checkpoints",
+                  (("tensorboard", "TensorBoard events"), ("rollouts", "rollout files"), ("checkpoints",
                                                                                           "checkpoints at steps"))
                   if src.get(key)]
         if joined:

@@ -15,10 +15,11 @@ from pathlib import Path
 from collapse_probe import schema
 from collapse_probe.detect.monitor import replay
 from collapse_probe.errors import UserError
+from collapse_probe.integrations.verl_run import open_run
 from collapse_probe.rundir import RunDir
 from collapse_probe.timeline import Timeline
 
-__all__ = ["write_report", "run_name", "printable", "default_report_dir", "plot_run"]
+__all__ = ["default_report_dir", "plot_run", "printable", "run_name", "run_timeline", "write_report"]
 
 _BASELINE_LABELS = {"entropy_drop": "entropy drop", "reward_var_collapse": "in-group reward variance collapse",
                     "grad_norm_spike": "grad-norm spike", "validity_drop": "format validity drop"}
@@ -39,13 +40,27 @@ def default_report_dir(path: str | os.PathLike) -> Path:
     return Path("reports") / run_name(path)
 
 
+def run_timeline(run_dir: str | os.PathLike) -> Timeline:
+    """The run's table: what `analyze` reads (our metrics, verl's log joined with its rollout dumps, dumps or step
+    records alone, TensorBoard events), one row a step."""
+    run = open_run(run_dir)
+    if run is None or not run.joins:
+        return Timeline.from_run(run_dir)  # the one-line errors for a missing, empty or unreadable run
+    tl = Timeline.from_records(run.records(), path=run.metrics or Path(run_dir))
+    if not len(tl):
+        raise UserError(f"{run.metrics or run_dir} holds no records (an empty run): wait until the run has logged "
+                        "a step, or pass another run")
+    tl.skipped_lines = run.skipped
+    return tl
+
+
 def plot_run(run_dir: str | os.PathLike, out_stem: str | os.PathLike | None = None, *, verdict=None,
              title: str | None = None, timeline: Timeline | None = None) -> tuple[list[Path], object]:
     """Timeline + verdict + figure; returns (paths of pdf/svg/png, verdict). Pass `timeline` when the run is
     already read (the report does), so it is not read twice."""
     from collapse_probe.plots import plot_timeline
 
-    tl = timeline if timeline is not None else Timeline.from_run(run_dir)
+    tl = timeline if timeline is not None else run_timeline(run_dir)
     verdict = verdict if verdict is not None else replay(tl.records())
     stem = Path(out_stem) if out_stem is not None else default_report_dir(run_dir) / "timeline"
     if stem.suffix.lower() in (".pdf", ".svg", ".png"):
@@ -116,7 +131,8 @@ def _mix_section(tl) -> str:
                 "| state | final | first |", "|---|---|---|"]
         for s, v in mix.iloc[-1].items():
             out.append(f"| {s} | {_fmt(float(v))} | {_fmt(float(first[s]))} |")
-    last = {code: tl.series(k) for k in tl.keys() if (code := schema.parse_reason_key(k)) is not None}
+    last = {code: tl.series(k) for k in tl.keys()  # noqa: SIM118 - a Timeline, not a dict
+            if (code := schema.parse_reason_key(k)) is not None}
     if last:
         steps = [s for s in tl.steps if any(v.loc[s] == v.loc[s] for v in last.values())]
         if steps:
@@ -146,7 +162,7 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
                  extra_sections: list[tuple[str, str]] | tuple = ()) -> Path:
     """Write `out_dir/report.md` (default reports/<run name>/) with the timeline figure next to it; returns
     the report's path. `extra_sections` are (title, markdown body) pairs appended in order."""
-    tl = Timeline.from_run(run_dir)
+    tl = run_timeline(run_dir)
     f = printable(tl.path)
     out = Path(out_dir) if out_dir is not None else default_report_dir(run_dir)
     paths, verdict = plot_run(run_dir, out / "timeline", verdict=verdict, timeline=tl)
@@ -156,8 +172,8 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
     parts = [f"# collapse-probe report: {name}", "",
              f"Run: `{f}` — {span}. Control-token captures: {caps}.", "",
              f"![timeline]({paths[2].name})", "",
-             f"Figure: [PDF]({paths[0].name}) · [SVG]({paths[1].name}). (a) next-token probabilities at the decision "
-             "positions, (b) format-state mix, (c) outcome; vertical lines mark the detected onsets.", "",
+             (f"Figure: [PDF]({paths[0].name}) · [SVG]({paths[1].name}). (a) next-token probabilities at the "
+              "decision positions, (b) format-state mix, (c) outcome; vertical lines mark the detected onsets."), "",
              "## Verdict", "", _verdict_section(verdict, tl), "",
              "## Format states", "", _mix_section(tl), "",
              "## Config", "", _config_section(RunDir(run_dir)), ""]

@@ -121,9 +121,12 @@ class RunDir:
 
     @property
     def layout(self) -> Layout:
-        """verl's files under the run's directory (scanned once, only when asked)."""
+        """verl's files under the run's directory (scanned once, only when asked; not in a directory holding our
+        own metrics.jsonl, nor for a file)."""
         if self._layout is None:
-            self._layout = scan(self.root) if self.root.is_dir() and not self.given.is_file() else Layout()
+            ours = any((d / METRICS_FILE).is_file() for d in self._data_dirs())
+            self._layout = scan(self.root) if self.root.is_dir() and not self.given.is_file() and not ours \
+                else Layout()
         return self._layout
 
     @property

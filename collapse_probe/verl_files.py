@@ -230,6 +230,6 @@ def missing_weights_hint(ck: VerlCheckpoint) -> str:
     what = f"only {shards} model_world_size_*_rank_*.pt shard(s), which are never unpickled" if shards else \
         "no model weights"
     return (f"verl checkpoint {ck.actor.parent} (step {ck.step}) has no HF weights in actor/huggingface/ ({what}): "
-            "save them with actor_rollout_ref.actor.checkpoint.save_contents=['model','optimizer','extra','hf_model'] "
-            f"(hf_model), or convert it with: python -m verl.model_merger merge --backend fsdp --local_dir {ck.actor} "
-            f"--target_dir {ck.hf}")
+            "add hf_model to actor_rollout_ref.actor.checkpoint.save_contents (e.g. "
+            "save_contents=['model','optimizer','extra','hf_model']) before saving, or convert it with: "
+            f"python -m verl.model_merger merge --backend fsdp --local_dir {ck.actor} --target_dir {ck.hf}")

@@ -21,7 +21,7 @@ import pytest
 
 from collapse_probe.errors import EXIT_COLLAPSED, EXIT_FAILURE, EXIT_USAGE
 from collapse_probe.runlog import RunLog
-from tests.test_watch import synthetic_records
+from test_watch import synthetic_records
 
 CLI = [sys.executable, "-c", "from collapse_probe.cli import main; main()"]
 BAR = re.compile(r"━|%\||it/s\]|s/it\]|\d+/\d+\s+(-:--:--|\d+:\d\d:\d\d)")  # rich / tqdm progress-bar lines

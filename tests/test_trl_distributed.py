@@ -13,7 +13,7 @@ import torch
 
 from collapse_probe.runlog import read_records
 from collapse_probe.schema import cp_count_key
-from tests.test_trl_capture import base_model
+from test_trl_capture import base_model
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = '''
@@ -22,7 +22,7 @@ sys.path.insert(0, {repo!r})
 import collapse_probe.integrations.trl as cap_trl
 from collapse_probe import CollapseProbeCallback
 from collapse_probe.train import tiny
-from tests.test_trl_capture import RecordingGRPO, grpo_args, prompts, reward
+from test_trl_capture import RecordingGRPO, grpo_args, prompts, reward
 
 torch.set_num_threads(1)
 out, base = sys.argv[1], sys.argv[2]

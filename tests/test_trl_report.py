@@ -5,7 +5,7 @@ from trl import GRPOConfig
 
 from collapse_probe import CollapseProbeCallback
 from collapse_probe.train import tiny
-from tests.test_trl_capture import RecordingGRPO, base_model, grpo_args, prompts, reward
+from test_trl_capture import RecordingGRPO, base_model, grpo_args, prompts, reward
 
 pytest.importorskip("tensorboard")
 

@@ -124,6 +124,9 @@ def _iter_file(p: Path, spec: FormatSpec, group: str | None) -> Iterator[dict]:
         return
     if p.suffix == ".parquet":
         raise UserError(f"{p}: not a parquet file (no PAR1 header); pass a parquet file written by TRL or a JSONL")
+    if verl_files.is_log(p):
+        raise UserError(f"{p} is verl's file-logger log (metrics, no turns): pass the trainer.rollout_data_dir "
+                        "dumps, or run `collapse-probe analyze` on this file")
     rec = verl_files.records_step(p) if p.suffix == ".json" else None
     if rec is not None:
         yield from _iter_records(p, spec, rec, group)

@@ -25,7 +25,7 @@ from collapse_probe.history import StepIndex
 from collapse_probe.integrations.hf_output import read_tensorboard
 from collapse_probe.rundir import RunDir
 from collapse_probe.runlog import index_file
-from collapse_probe.verl_files import Layout, records_step
+from collapse_probe.verl_files import Layout, is_dump, records_step
 
 __all__ = ["RunRecords", "StepExtras", "is_checkpoint_key", "joined", "open_run"]
 
@@ -56,7 +56,8 @@ class StepExtras:
 
     def _records(self, step: int | str = "*") -> list[tuple[Path, int]]:
         """The step records to read: training files, else validation ones (the fork's val-only runs)."""
-        recs = [(f, r) for d in self.records for f in d.glob(f"*-step-*{step}.json") if (r := records_step(f))]
+        pattern = "*-step-*.json" if step == "*" else f"*-step-*{step}.json"
+        recs = [(f, r) for d in self.records for f in d.glob(pattern) if (r := records_step(f))]
         train = [(f, r) for f, r in recs if not r[1]] or recs
         return [(f, r[0]) for f, r in train if step == "*" or r[0] == step]
 
@@ -64,6 +65,10 @@ class StepExtras:
     def from_layout(cls, layout: Layout, *, outcome: bool) -> StepExtras | None:
         """Training dumps when there are any, else the step records; None when there are neither."""
         dumps = layout.train_dumps
+        for kind, dirs in (("training rollout dumps", dumps), ("step records", [] if dumps else layout.records)):
+            if len(dirs) > 1:  # two runs' files would be mixed into one step
+                names = ", ".join(str(d) for d in dirs[:3]) + (", ..." if len(dirs) > 3 else "")
+                raise UserError(f"found {kind} of {len(dirs)} runs ({names}): pass the directory of one run")
         return cls(dumps, [] if dumps else layout.records, outcome=outcome) if dumps or layout.records else None
 
     @property
@@ -194,6 +199,9 @@ def open_run(path: str | Path, *, warn: bool = True) -> RunRecords | None:
     verl's logs and dumps, a dump directory, step records, a TensorBoard event directory); None when `path`
     holds none of these. A metrics file with unreadable lines only is a UserError (as `index_file`)."""
     p = Path(path)
+    if p.is_file() and (is_dump(p) or records_step(p) is not None):  # one step's turns, not a run's metrics
+        raise UserError(f"{p} is one step of verl's rollouts: pass its directory to follow the run, or run "
+                        "`collapse-probe formats` on the file")
     run = RunDir(p)
     lay = run.layout
     f = run.metrics_path
@@ -202,6 +210,9 @@ def open_run(path: str | Path, *, warn: bool = True) -> RunRecords | None:
         out.index, skipped = index_file(f, warn=warn)
         out.skipped = skipped.count
     elif lay.events and not (p / "runs").is_dir():  # an HF output dir's runs/ is read_hf_output's
+        if len(lay.events) > 1:  # tensorboard_log/{project}/{experiment}: one directory a run
+            names = ", ".join(str(d) for d in lay.events[:3]) + (", ..." if len(lay.events) > 3 else "")
+            raise UserError(f"{p} holds TensorBoard events of {len(lay.events)} runs ({names}): pass one of them")
         try:
             out.tensorboard = read_tensorboard(lay.events)
         except ImportError:
