@@ -147,6 +147,28 @@ def _mix_section(tl) -> str:
     return "\n".join(out)
 
 
+def reward_summary(run: RunDir) -> str | None:
+    """One sentence on the reward that trained the run, from our trainer's config.json (None for other
+    trainers' runs): a collapse under a format bonus is reward hacking, one under a binary outcome is not."""
+    c = run.config_path
+    try:
+        cfg = json.loads(c.read_text()) if c is not None else None
+    except (OSError, ValueError):
+        return None
+    reward = cfg.get("reward") if isinstance(cfg, dict) else None
+    if not isinstance(reward, dict) or cfg.get("mode") == "sft":
+        return None
+    harness = "paper-like harness (a bare tag is an empty reply; errors are observations)" \
+        if cfg.get("harness") == "paper" else "strict harness"
+    bonus = reward.get("tag_bonus") or 0
+    if bonus > 0:
+        return (f"Reward: outcome {reward.get('correct')} plus a format bonus of {bonus} per turn that opens a tool "
+                f"call (at most {reward.get('max_bonus_tags', 8)} turns), {harness}. A collapse into bare tags here "
+                "is format-bonus reward hacking: the bare-tag policy earns more than a correct solution.")
+    return (f"Reward: binary outcome ({reward.get('correct')} correct, {reward.get('wrong')} wrong, no format term), "
+            f"{harness}. A collapse here loses reward: it comes from the training dynamics, not the reward.")
+
+
 def _config_section(run: RunDir) -> str:
     c = run.config_path
     if c is None:
@@ -175,6 +197,7 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
              (f"Figure: [PDF]({paths[0].name}) · [SVG]({paths[1].name}). (a) next-token probabilities at the "
               "decision positions, (b) format-state mix, (c) outcome; vertical lines mark the detected onsets."), "",
              "## Verdict", "", _verdict_section(verdict, tl), "",
+             *([reward_summary(RunDir(run_dir)), ""] if reward_summary(RunDir(run_dir)) else []),
              "## Format states", "", _mix_section(tl), "",
              "## Config", "", _config_section(RunDir(run_dir)), ""]
     for title, body in extra_sections:

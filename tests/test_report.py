@@ -51,3 +51,19 @@ def test_report_markdown(tmp_path, monkeypatch):
     assert p == tmp_path / "rep" / "report.md" and "**Collapsed: no.**" in md
     assert md.rstrip().endswith("10 SFT steps: success 0.97.") and "## Recovery" in md
     assert (tmp_path / "rep" / "timeline.png").is_file()
+
+
+def test_report_says_which_reward_trained_the_run(tmp_path):
+    import json
+
+    from collapse_probe.train.presets import get_preset
+
+    for preset, words in (("grpo-collapse", "format-bonus reward hacking"),
+                          ("grpo-outcome", "binary outcome (1.0 correct, 0.0 wrong, no format term), paper-like")):
+        run = write_run(tmp_path / preset, True)
+        (run / "config.json").write_text(get_preset(preset).to_json())
+        md = write_report(run, tmp_path / f"rep-{preset}").read_text()
+        assert words in md, md[:2000]
+    run = write_run(tmp_path / "trl", True)  # another trainer's config: no reward sentence
+    (run / "config.json").write_text(json.dumps({"source": "callback"}))
+    assert "Reward:" not in write_report(run, tmp_path / "rep-trl").read_text()
