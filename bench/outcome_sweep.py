@@ -38,7 +38,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
 EOT, JSON = "end_of_turn", "json_open"
 
 
-def _train(out: Path, names: list[str], steps: int, seed: int, init_override: dict[str, str]) -> None:
+def _train(out: Path, names: list[str], steps: int, seed: int, init_override: dict[str, str], threads: int) -> None:
     from collapse_probe.runlog import read_records
     from collapse_probe.train.presets import cached_model, get_preset
     from collapse_probe.train.trainer import train
@@ -47,8 +47,9 @@ def _train(out: Path, names: list[str], steps: int, seed: int, init_override: di
         start, fields = CONFIGS[name]
         run = out / f"{name}-s{seed}"
         cfg = get_preset("grpo-outcome", seed=seed, steps=steps, **fields)
-        cfg.init = init_override.get(start) or str(cached_model(start))
-        cfg.save_every, cfg.log_rollouts = 0, 16
+        cfg.init = init_override.get(start) or str(cached_model(start, threads=threads))
+        cfg.threads = threads
+        cfg.save_every, cfg.log_rollouts = 5, 16  # checkpoints: `recover` on the first collapsed one
         if run.exists():
             recs = read_records(run, warn=False)
             if recs and recs[-1]["step"] >= cfg.steps:
@@ -124,6 +125,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", action="append", default=[], metavar="PRESET=DIR",
                     help="use DIR instead of the cached model of PRESET (e.g. instruct=/tmp/model)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster on a busy machine)")
     ap.add_argument("--no-train", action="store_true")
     args = ap.parse_args()
     names = [n for n in args.only.split(",") if n] or list(CONFIGS)
@@ -133,7 +135,7 @@ def main() -> None:
     overrides = dict(item.split("=", 1) for item in args.init)
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.no_train:
-        _train(args.out, names, args.steps, args.seed, overrides)
+        _train(args.out, names, args.steps, args.seed, overrides, args.threads)
     rows = [summarise(p) for p in sorted(args.out.iterdir()) if (p / "metrics.jsonl").exists()]
     args.report.mkdir(parents=True, exist_ok=True)
     (args.report / "table.json").write_text(json.dumps(rows, indent=2))

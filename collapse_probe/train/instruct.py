@@ -5,7 +5,7 @@ the system prompt asks for. This mixture gives the tiny model the same kind of p
 conversation is written in one call syntax, drawn per example, and the system prompt says which
 (`world.system_prompt(call_instruction=...)`):
 
-    hermes       <tool_call>\\n{json}\\n</tool_call>   the canonical syntax (SYNTAX_MIX weight 0.4)
+    hermes       <tool_call>\\n{json}\\n</tool_call>   the canonical syntax (the most common in SYNTAX_MIX)
     python_list  [find_user(name="alice")]            BFCL's python format
     json         one bare JSON object per line
     xml          <invoke name=...><parameter name=...>v</parameter></invoke>
@@ -25,7 +25,8 @@ from collapse_probe import world
 from collapse_probe.formats.calls import EMPTY
 from collapse_probe.formats.registry import HERMES, SYNTAXES
 
-SYNTAX_MIX: tuple[tuple[str, float], ...] = (("hermes", 0.4), ("python_list", 0.2), ("json", 0.2), ("xml", 0.2))
+# json shares hermes' body and is learned almost for free; python and XML write values differently and need more
+SYNTAX_MIX: tuple[tuple[str, float], ...] = (("hermes", 0.34), ("python_list", 0.28), ("json", 0.1), ("xml", 0.28))
 QA_FRAC = 0.1  # plain question/answer conversations, no tools
 ERROR_FRAC = 0.3  # tool conversations holding 1-3 wrong calls and their error observations, then the right call
 PLAIN_SYSTEM = "You are a helpful assistant."

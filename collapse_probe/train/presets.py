@@ -42,7 +42,7 @@ _PAPER_RL = dict(steps=60, warmup_steps=5, max_turns=30, harness="paper", eval_e
 PRESETS: dict[str, TrainConfig] = {
     "sft": TrainConfig(mode=Mode.SFT, size="tiny", steps=500, lr=3e-3, lr_schedule=Schedule.COSINE, sft_batch=32,
                        retry_frac=0.1, eval_every=100, probe_every=25, save_every=0),
-    "instruct": TrainConfig(mode=Mode.SFT, steps=350, lr=1e-3, lr_schedule=Schedule.COSINE, sft_batch=32,
+    "instruct": TrainConfig(mode=Mode.SFT, steps=300, lr=2e-3, lr_schedule=Schedule.COSINE, sft_batch=16,
                             retry_frac=0.05, sft_data="instruct", eval_every=0, probe_every=0, save_every=0),
     "instruct-sft": TrainConfig(mode=Mode.SFT, steps=100, lr=1e-3, lr_schedule=Schedule.COSINE, sft_batch=32,
                                 retry_frac=0.05, eval_every=0, probe_every=0, save_every=0),
@@ -93,7 +93,7 @@ def is_cached(name: str) -> bool:
 
 
 def cached_model(name: str, *, progress: Callable[[int, dict], None] | None = None,
-                 steps: int | None = None) -> Path:
+                 steps: int | None = None, threads: int | None = None) -> Path:
     """The last checkpoint of preset `name` trained with seed 0, from the cache or trained now (and the presets
     it starts from, first). The key hashes the config chain, so a changed preset trains afresh."""
     cfg, ckpt = _cache_entry(name, steps)
@@ -101,7 +101,9 @@ def cached_model(name: str, *, progress: Callable[[int, dict], None] | None = No
         return ckpt
     run = ckpt.parent
     if name in START:
-        cfg.init = str(cached_model(START[name]))
+        cfg.init = str(cached_model(START[name], threads=threads))
+    if threads is not None:  # not part of the key: on a busy machine one thread can be the faster choice
+        cfg.threads = threads
     from collapse_probe.train.trainer import train  # torch: only when a model is trained
 
     if run.exists():  # a killed earlier attempt: start clean, the log is append-only otherwise
