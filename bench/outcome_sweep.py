@@ -34,6 +34,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "lr2e-3-sftfirst": ("instruct-sft", {"lr": 2e-3}),
     "lr2e-3-nowarmup": ("instruct", {"lr": 2e-3, "warmup_steps": 0}),
     "lr1e-3-t1.5": ("instruct", {"lr": 1e-3, "temperature": 1.5}),
+    "sftfirst": ("instruct-sft", {}),  # grpo-outcome-sft: the preset's RL from instruct + tool SFT
 }
 EOT, JSON = "end_of_turn", "json_open"
 
@@ -88,11 +89,15 @@ def summarise(run: Path) -> dict:
     row["collapsed"] = bool(len(below))
     row["paper_form"] = bool(len(below) and spiked is not None and len(spiked) and len(halved)
                              and spiked.index[0] <= halved.index[0])
-    reasons = {k: float(tl.series(k).fillna(0).mean()) for k in tl.keys()
-               if k.startswith("fmt_reason/") and not k.endswith(("/ok", "/answer", "/call"))}
-    if reasons:
+    from collapse_probe.formats.reasons import REASONS
+
+    prefix = schema.reason_key("")
+    broken = {code for code, (state, _) in REASONS.items() if state in schema.BROKEN_STATES}
+    reasons = {k[len(prefix):]: float(tl.series(k).fillna(0).mean()) for k in tl.keys()
+               if k.startswith(prefix) and k[len(prefix):] in broken}
+    if reasons:  # the most common malformed turn over the run (share of all turns)
         top = max(reasons, key=reasons.get)
-        row["top_malformed"] = f"{top.split('/', 1)[1]} {reasons[top]:.2f}"
+        row["top_malformed"] = f"{top} {reasons[top]:.2f}"
     return row
 
 
