@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = '''
 import sys, torch
 sys.path.insert(0, {repo!r})
+sys.path.insert(0, {repo!r} + "/tests")  # the test helpers, imported as top-level modules like pytest does
 import collapse_probe.integrations.trl as cap_trl
 from collapse_probe import CollapseProbeCallback
 from collapse_probe.train import tiny
