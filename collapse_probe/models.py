@@ -64,6 +64,7 @@ def fetch(name: str, *, out: str | os.PathLike | None = None, log: Callable[[str
             raise UserError(f"{name}: no such file; pass a .gguf file or one of: {', '.join(MODELS)}")
         if is_ready(target):
             return target
+        check_gguf(local)  # before any progress line: a wrong file is one line
         say(f"converting {local} (de-quantising; ~20 s per 100M parameters)")
         return convert_gguf(local, target)
     if name not in MODELS:
@@ -153,10 +154,10 @@ def _quiet() -> Iterator[None]:
 def convert_gguf(gguf: Path, out: Path) -> Path:
     """De-quantise a GGUF into a float32 safetensors directory `out` (written beside it, then renamed)."""
     check_gguf(gguf)
-    try:
-        import gguf as _gguf  # noqa: F401  (transformers needs it to read the file)
-    except ImportError:
-        raise UserError("converting a GGUF needs the `gguf` package: pip install gguf") from None
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:  # transformers needs it to read the file
+        raise UserError("converting a GGUF needs the `gguf` package: pip install 'collapse-probe[models]'")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

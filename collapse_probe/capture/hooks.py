@@ -57,7 +57,8 @@ class ControlTokenCapture:
     """Next-token probabilities of control tokens at decision positions, from logits already in hand.
 
     `tokenizer_or_roles`: an HF tokenizer (roles resolved with `resolve_control_tokens(tokenizer, overrides)`)
-    or a `ControlTokens`. `entropy=True` adds `cp/{source}/entropy`, the mean entropy over all generated
+    or a `ControlTokens`; tags of several tokens (SmolLM2's `<tool_call>`) work too (capture/stats.py says what
+    is recorded for them). `entropy=True` adds `cp/{source}/entropy`, the mean entropy over all generated
     positions (computed in chunks of rows; it reads every generated row, so it costs more than the rest).
     """
 

@@ -11,6 +11,14 @@ Position t "predicts" token t+1; only positions whose next token the policy gene
 tags in the system prompt are never measured. `decision_masks` is the one definition of these positions; token
 lists (a LogitsProcessor's view) go through it too, via `prefix_decisions`.
 
+Tags of several tokens (SmolLM2 writes `<tool_call>` as '<' 'tool' '_' 'call' '>', `tokens.RoleIds.sequences`):
+a position counts after the whole sequence (after_open follows the last piece and its newline). The number
+recorded for such a role, `cp/{source}/{position}/{role}`, is the probability of its FIRST piece there (what a
+sampler decides first, and what masked decoding forbids); where the whole sequence actually follows in the batch,
+the same forward also gives its chained probability, the product of the pieces' teacher-forced probabilities:
+`cp/{source}/{position}/{role}/chain`, the mean over those `.../chain_count` positions (turn_start: the chance the
+turn opens with the whole tag). Single-token roles (Qwen2.5, the tiny model) add no chain keys.
+
 All statistics gather K control columns at M decision rows: no second full-vocabulary tensor is built (the
 trainer's own log-softmax is reused when it exists). One math (`_gather`) serves both entry points:
 `position_stats` reads every decision row and syncs once; `position_stats_deferred` reads a fixed number of rows

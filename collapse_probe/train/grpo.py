@@ -54,10 +54,22 @@ def token_logp(logits: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor,
     return logp_all.gather(-1, index[..., None]).squeeze(-1), logp_all
 
 
-def micro_batches(n: int, width: int, vocab: int, size: int | None = None) -> list[slice]:
-    """Row slices of at most `size` sequences (default: as many as fit `LOGITS_BUDGET`)."""
-    size = size or max(1, LOGITS_BUDGET // max(1, width * vocab))
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+def micro_batches(lengths: list[int], vocab: int, size: int | None = None) -> list[list[int]]:
+    """Sequence indices per micro-batch. All in one, in order, when the whole batch's logits fit `LOGITS_BUDGET`
+    (and `size` allows): the tiny model's path, unchanged. Otherwise longest first, each micro-batch as many
+    sequences of similar length as fit the budget (or `size`), so little of it is padding."""
+    n, width = len(lengths), max(lengths, default=1)
+    if (size is None or size >= n) and n * width * vocab <= LOGITS_BUDGET:
+        return [list(range(n))]
+    order = sorted(range(n), key=lambda i: -lengths[i])
+    parts: list[list[int]] = []
+    for i in order:
+        cur = parts[-1] if parts else None
+        if cur is not None and len(cur) < (size or n) and (len(cur) + 1) * lengths[cur[0]] * vocab <= LOGITS_BUDGET:
+            cur.append(i)
+        else:
+            parts.append([i])
+    return parts
 
 
 def _logits(model, ids: torch.Tensor, attn: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -96,45 +108,50 @@ def grpo_loss(model, trajs: list[Trajectory], advantages: torch.Tensor, *, pad_i
     old_logp = batch["extra"][:, 1:]
     n_tok = mask.sum().clamp(min=1)
     adv_all = advantages.float()
-    parts = micro_batches(ids.shape[0], ids.shape[1], _vocab(model) or 1, micro_batch)
-    ref_logp = None
+    lengths = [len(t.ids) for t in trajs]
+    # each micro-batch: its rows, cut to its longest sequence (right padding: the cut is only padding)
+    parts = [(torch.tensor(p), max(lengths[i] for i in p)) for p in
+             micro_batches(lengths, _vocab(model) or 1, micro_batch)]
+    ref_logp: dict[int, torch.Tensor] = {}
     if kl_coef > 0 and ref_model is not None:
         with torch.no_grad():
-            ref_logp = torch.cat([token_logp(_logits(ref_model, ids[s], attn[s], temperature), ids[s, 1:])[0]
-                                  for s in parts])
+            for i, (rows, w) in enumerate(parts):
+                ref_logp[i] = token_logp(_logits(ref_model, ids[rows, :w], attn[rows, :w], temperature),
+                                         ids[rows, 1:w])[0]
     sums = _Sums()
     done: set[int] = set()
 
-    def part_loss(i: int, s: slice) -> torch.Tensor:
-        logp, logp_all = token_logp(_logits(model, ids[s], attn[s], temperature), ids[s, 1:])
-        m, adv = mask[s], adv_all[s, None]
-        ratio = torch.exp(logp - old_logp[s])
+    def part_loss(i: int) -> torch.Tensor:
+        rows, w = parts[i]
+        logp, logp_all = token_logp(_logits(model, ids[rows, :w], attn[rows, :w], temperature), ids[rows, 1:w])
+        m, adv = mask[rows, :w - 1], adv_all[rows, None]
+        ratio = torch.exp(logp - old_logp[rows, :w - 1])
         obj = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
         pg = -(obj * m).sum() / n_tok
         loss = pg
         kl = None
-        if ref_logp is not None:
-            d = ref_logp[s] - logp
+        if ref_logp:
+            d = ref_logp[i] - logp
             kl = ((torch.exp(d) - d - 1) * m).sum() / n_tok  # k3 estimator, >= 0
             loss = loss + kl_coef * kl
         if i not in done:  # a checkpoint's recomputation in backward does not count twice
             done.add(i)
-            _measure(sums, logp_all, logp, ratio, m, pg, kl, ids[s], gen[s], adv_all[s], old_logp[s],
-                     clip_eps, role_ids, single=len(parts) == 1)
+            _measure(sums, logp_all, logp, ratio, m, pg, kl, ids[rows, :w], gen[rows, :w], adv_all[rows],
+                     old_logp[rows, :w - 1], clip_eps, role_ids, single=len(parts) == 1)
         return loss
 
     if backward:
         total = 0.0
-        for i, s in enumerate(parts):
-            loss_i = part_loss(i, s)
+        for i in range(len(parts)):
+            loss_i = part_loss(i)
             loss_i.backward()
             total += float(loss_i.detach())
         loss = torch.tensor(total)
     elif len(parts) == 1:
-        loss = part_loss(0, parts[0])
+        loss = part_loss(0)
     else:
-        loss = sum(checkpoint(part_loss, i, s, use_reentrant=False) for i, s in enumerate(parts))
-    return GRPOLossOut(loss, _metrics(sums, float(n_tok), ref_logp is not None), backward_done=backward)
+        loss = sum(checkpoint(part_loss, i, use_reentrant=False) for i in range(len(parts)))
+    return GRPOLossOut(loss, _metrics(sums, float(n_tok), bool(ref_logp)), backward_done=backward)
 
 
 @torch.no_grad()
