@@ -10,7 +10,7 @@ collapsed (success below 20% of step 0 with p(end-of-turn) above 0.3 first: the 
     python bench/outcome_sweep.py --only lr2e-3,t1.3    # some of them
     python bench/outcome_sweep.py --no-train            # the table from runs already there
 
-Writes reports/outcome-sweep/table.md and table.json. Complete runs are reused.
+Writes reports/outcome-sweep/table.md, table.json and traces.jsonl (per run and step). Complete runs are reused.
 """
 
 from __future__ import annotations
@@ -101,6 +101,22 @@ def summarise(run: Path) -> dict:
     return row
 
 
+def trace_rows(run: Path) -> list[dict]:
+    """Per step: success, on-policy p(end-of-turn) and p(`{"`) after the open tag, the four pressure parts."""
+    from collapse_probe import schema
+    from collapse_probe.timeline import Timeline
+
+    tl = Timeline.from_run(run)
+    ao = schema.Position.AFTER_OPEN.value
+    keys = {"success": schema.SUCCESS, "p_eot": schema.cp_key(schema.Source.ROLLOUT, ao, EOT),
+            "p_json": schema.cp_key(schema.Source.ROLLOUT, ao, JSON)}
+    keys.update({f"gp_{role}_{part.value}": schema.gp_key(ao, role, part) for role in (EOT, JSON) for part in schema.Part})
+    cols = {name: tl.series(key).reindex(tl.steps) for name, key in keys.items() if tl.has(key)}
+    return [{"run": run.name, "step": int(step), **{n: (None if c.isna().iloc[i] else float(c.iloc[i]))
+                                                    for n, c in cols.items()}}
+            for i, step in enumerate(tl.steps)]
+
+
 def _fmt(v) -> str:
     if v is None:
         return "-"
@@ -144,6 +160,8 @@ def main() -> None:
     rows = [summarise(p) for p in sorted(args.out.iterdir()) if (p / "metrics.jsonl").exists()]
     args.report.mkdir(parents=True, exist_ok=True)
     (args.report / "table.json").write_text(json.dumps(rows, indent=2))
+    traces = [t for p in sorted(args.out.iterdir()) if (p / "metrics.jsonl").exists() for t in trace_rows(p)]
+    (args.report / "traces.jsonl").write_text("".join(json.dumps(t) + "\n" for t in traces))
     md = table_markdown(rows)
     (args.report / "table.md").write_text(md)
     print(md)
