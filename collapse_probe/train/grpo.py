@@ -55,18 +55,19 @@ def token_logp(logits: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def micro_batches(lengths: list[int], vocab: int, size: int | None = None) -> list[list[int]]:
-    """Sequence indices per micro-batch. All in one, in order, when the whole batch's logits fit `LOGITS_BUDGET`
-    (and `size` allows): the tiny model's path, unchanged. Otherwise longest first, each micro-batch as many
-    sequences of similar length as fit the budget (or `size`), so little of it is padding."""
+    """Sequence indices per micro-batch. All in one, in order, when `size` covers the batch or (no `size`) the
+    whole batch's logits fit `LOGITS_BUDGET`: the tiny model's path, unchanged. Otherwise longest first, `size`
+    sequences each, or (no `size`) as many sequences of similar length as fit the budget, so little is padding."""
     n, width = len(lengths), max(lengths, default=1)
-    if (size is None or size >= n) and n * width * vocab <= LOGITS_BUDGET:
+    if size is not None and size >= n or size is None and n * width * vocab <= LOGITS_BUDGET:
         return [list(range(n))]
     order = sorted(range(n), key=lambda i: -lengths[i])
+    if size is not None:
+        return [order[i:i + size] for i in range(0, n, size)]
     parts: list[list[int]] = []
     for i in order:
-        cur = parts[-1] if parts else None
-        if cur is not None and len(cur) < (size or n) and (len(cur) + 1) * lengths[cur[0]] * vocab <= LOGITS_BUDGET:
-            cur.append(i)
+        if parts and (len(parts[-1]) + 1) * lengths[parts[-1][0]] * vocab <= LOGITS_BUDGET:
+            parts[-1].append(i)
         else:
             parts.append([i])
     return parts
@@ -100,7 +101,7 @@ def grpo_loss(model, trajs: list[Trajectory], advantages: torch.Tensor, *, pad_i
               role_ids: dict[str, int] | None = None, micro_batch: int | None = None,
               backward: bool = False) -> GRPOLossOut:
     """The GRPO loss of `trajs` and its metrics (capture keys when `role_ids` is given). `micro_batch`: sequences
-    per policy forward (default: by `LOGITS_BUDGET`). `backward=True` backpropagates each micro-batch here and
+    per policy forward (default: as many as fit `LOGITS_BUDGET`). `backward=True` backpropagates each micro-batch here and
     returns the loss detached (`backward_done`): no recomputation, the cheapest way for a large vocabulary."""
     batch = collate([t.ids for t in trajs], [t.gen_mask for t in trajs], pad_id, extra=[t.old_logp for t in trajs])
     ids, attn, gen = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
