@@ -25,6 +25,7 @@ try:  # typer >= 0.29 runs its own copy of click: its usage errors are those cla
 except ImportError:  # pragma: no cover - an older typer on the real click
     from click.exceptions import NoArgsIsHelpError, UsageError
 
+from collapse_probe import cli_study
 from collapse_probe.cli_output import PhaseBar, ScoreBar, TrainProgress, err, out, print_json
 from collapse_probe.errors import EXIT_COLLAPSED, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UserError
 from collapse_probe.schema import POSITIONS, Position
@@ -335,6 +336,10 @@ def demo(
     for line in (res.recovery or {}).get("findings", []):
         out.print(f"recovery: {line}", highlight=False)
     out.print(f"report: {res.report}", highlight=False)
+
+
+# ----------------------------------------------------------------------------------------------- study
+app.command(name="study", epilog=EXITS)(cli_study.study)
 
 
 # ----------------------------------------------------------------------------------------------- models

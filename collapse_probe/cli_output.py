@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
-__all__ = ["err", "out", "print_json", "TrainProgress", "ScoreBar", "PhaseBar"]
+__all__ = ["err", "out", "print_json", "TrainProgress", "ScoreBar", "PhaseBar", "StudyBar"]
 
 out = Console()
 err = Console(stderr=True)
@@ -101,3 +101,23 @@ class PhaseBar:
         if self.p is not None:
             self.p.stop()
             self.p = None
+
+
+class StudyBar:
+    """A rich progress bar over the RL steps of a whole study grid, labelled with the run in progress."""
+
+    def __init__(self, enabled: bool = True):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        self.p = Progress(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
+                          TimeRemainingColumn(), console=err, disable=not enabled)
+        self.task = None
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if self.task is None:
+            self.p.start()
+            self.task = self.p.add_task(label, total=total)
+        self.p.update(self.task, description=label, completed=done, total=total)
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.p.stop()

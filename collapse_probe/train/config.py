@@ -20,6 +20,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from collapse_probe.errors import UserError
@@ -81,6 +82,14 @@ class TrainConfig:
     sft_every: int = _knob(0, ge=0)
     sft_steps: int = _knob(1, ge=1)
     sft_lr: float | None = _knob(None, gt=0)  # None: the RL learning rate
+    # supervisory signals (the paper's fixes; docs in train/offpolicy.py, hints.py, error_sft.py, judge.py)
+    offpolicy_samples: int = _knob(0, ge=0)  # of each group's samples, this many are the oracle's trajectory
+    hint_samples: int = _knob(0, ge=0)  # this many are sampled with a hint in the system prompt
+    error_sft_every: int = _knob(0, ge=0)  # RL round length; after each, SFT on the failed prompts' turns
+    error_sft_steps: int = _knob(4, ge=1)
+    error_sft_lr: float | None = _knob(None, gt=0)  # None: the RL learning rate
+    reflection: bool = False  # add a judge's analysis of each failure to the error SFT
+    judge: str | None = None  # a local HF causal LM that writes the analysis (None: the rule judge)
     # logging
     eval_every: int = _knob(0, ge=0)  # greedy held-out success every N steps (0: only at the end)
     eval_tasks: int = _knob(64, ge=1)
@@ -102,6 +111,15 @@ class TrainConfig:
         if self.mode is Mode.INTERLEAVED and self.sft_every < 1:
             raise UserError(f"mode interleaved needs sft_every >= 1 (SFT steps every N RL steps), got "
                             f"{self.sft_every}")
+        if self.offpolicy_samples + self.hint_samples >= self.group_size:
+            raise UserError(f"offpolicy_samples ({self.offpolicy_samples}) + hint_samples ({self.hint_samples}) "
+                            f"must be < group_size ({self.group_size}): a group needs a sample of the policy's own")
+        if self.reflection and self.error_sft_every < 1:
+            raise UserError("reflection needs error_sft_every >= 1: its SFT runs between RL rounds")
+        if self.judge is not None and not self.reflection:
+            raise UserError("judge is the model that writes reflections: set reflection=true with it")
+        if self.judge is not None:
+            check_judge_path(self.judge)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values: enums as their strings, the reward as a dict."""
@@ -135,9 +153,17 @@ class TrainConfig:
         return cls.from_dict(data)
 
 
+def check_judge_path(path: str | Path) -> None:
+    """A judge must be a local Hugging Face model directory: refused in one line before any training starts."""
+    if not (Path(path) / "config.json").is_file():
+        raise UserError(f"--judge {path}: no model there (expected a Hugging Face model directory with "
+                        f"config.json and *.safetensors); pass a local causal LM or leave judge unset")
+
+
 # Fields added after the first configs were written appear in config.json only when set away from their default,
 # so older configs, and the cached models' keys (a hash of to_json), stay as they were.
-_FIELDS_WRITTEN_WHEN_SET = ("sft_data", "harness")
+_FIELDS_WRITTEN_WHEN_SET = ("sft_data", "harness", "offpolicy_samples", "hint_samples", "error_sft_every",
+                            "error_sft_steps", "error_sft_lr", "reflection", "judge")
 
 
 def apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:

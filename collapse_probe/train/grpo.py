@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from collapse_probe import schema
 from collapse_probe.capture.stats import RecordMeans, decision_positions, position_stats
+from collapse_probe.train import offpolicy
 from collapse_probe.train.rollout import Trajectory
 from collapse_probe.train.sft import collate
 
@@ -88,6 +89,8 @@ class _Sums:
     gap: float = 0.0
     ent: float = 0.0
     ent_rows: int = 0
+    off_w: float = 0.0  # the off-policy weights p/(p+0.1) of oracle tokens, summed, and their count
+    off_n: float = 0.0
     capture: RecordMeans = field(default_factory=RecordMeans)
     single: dict[str, float] | None = None  # one micro-batch: its capture record as computed
 
@@ -106,6 +109,9 @@ def grpo_loss(model, trajs: list[Trajectory], advantages: torch.Tensor, *, pad_i
     batch = collate([t.ids for t in trajs], [t.gen_mask for t in trajs], pad_id, extra=[t.old_logp for t in trajs])
     ids, attn, gen = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     mask = gen[:, 1:].float()
+    # oracle samples (train/offpolicy.py): weighted p/(p+0.1), unclipped, and left out of the on-policy metrics
+    off_rows = torch.tensor([t.source == offpolicy.SOURCE for t in trajs])
+    on_gen = gen * (~off_rows)[:, None]
     old_logp = batch["extra"][:, 1:]
     n_tok = mask.sum().clamp(min=1)
     adv_all = advantages.float()
@@ -125,9 +131,16 @@ def grpo_loss(model, trajs: list[Trajectory], advantages: torch.Tensor, *, pad_i
     def part_loss(i: int) -> torch.Tensor:
         rows, w = parts[i]
         logp, logp_all = token_logp(_logits(model, ids[rows, :w], attn[rows, :w], temperature), ids[rows, 1:w])
-        m, adv = mask[rows, :w - 1], adv_all[rows, None]
-        ratio = torch.exp(logp - old_logp[rows, :w - 1])
+        m, adv, off = mask[rows, :w - 1], adv_all[rows, None], off_rows[rows, None]
+        old = torch.where(off, logp.detach(), old_logp[rows, :w - 1])
+        ratio = torch.exp(logp - old)
         obj = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+        if off.any():
+            weight = offpolicy.off_policy_weight(logp)
+            obj = torch.where(off, weight * ratio * adv, obj)
+            if i not in done:
+                sums.off_w += float((weight * m * off).sum())
+                sums.off_n += float((m * off).sum())
         pg = -(obj * m).sum() / n_tok
         loss = pg
         kl = None
@@ -137,7 +150,7 @@ def grpo_loss(model, trajs: list[Trajectory], advantages: torch.Tensor, *, pad_i
             loss = loss + kl_coef * kl
         if i not in done:  # a checkpoint's recomputation in backward does not count twice
             done.add(i)
-            _measure(sums, logp_all, logp, ratio, m, pg, kl, ids[rows, :w], gen[rows, :w], adv_all[rows],
+            _measure(sums, logp_all, logp, ratio, m * ~off, pg, kl, ids[rows, :w], on_gen[rows, :w], adv_all[rows],
                      old_logp[rows, :w - 1], clip_eps, role_ids, single=len(parts) == 1)
         return loss
 
@@ -152,7 +165,30 @@ def grpo_loss(model, trajs: list[Trajectory], advantages: torch.Tensor, *, pad_i
         loss = part_loss(0)
     else:
         loss = sum(checkpoint(part_loss, i, use_reentrant=False) for i in range(len(parts)))
-    return GRPOLossOut(loss, _metrics(sums, float(n_tok), bool(ref_logp)), backward_done=backward)
+    n_on = float((mask * ~off_rows[:, None]).sum().clamp(min=1))
+    return GRPOLossOut(loss, _metrics(sums, n_on, bool(ref_logp)), backward_done=backward)
+
+
+@torch.no_grad()
+def sequence_logp(model, trajs: list[Trajectory], *, pad_id: int, temperature: float = 1.0) -> list[list[float]]:
+    """Per-token log-probs of each trajectory's generated tokens under `model` (0 elsewhere), as the rollout
+    records them: for recomputing "old" log-probs on another context (train/hints.py)."""
+    if not trajs:
+        return []
+    batch = collate([t.ids for t in trajs], [t.gen_mask for t in trajs], pad_id)
+    ids, attn, gen = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    lengths = [len(t.ids) for t in trajs]
+    out: list[list[float]] = [[] for _ in trajs]
+    was_training = model.training
+    model.eval()  # as the rollout sampled
+    for part in micro_batches(lengths, _vocab(model) or 1):
+        rows, w = torch.tensor(part), max(lengths[i] for i in part)
+        logp = token_logp(_logits(model, ids[rows, :w], attn[rows, :w], temperature), ids[rows, 1:w])[0]
+        logp = logp * gen[rows, 1:w]
+        for j, i in enumerate(part):
+            out[i] = [0.0] + logp[j, :lengths[i] - 1].tolist()
+    model.train(was_training)
+    return out
 
 
 @torch.no_grad()
@@ -188,5 +224,7 @@ def _metrics(sums: _Sums, n_tok: float, with_kl: bool) -> dict[str, float]:
     metrics["clip_ratio"] = sums.clip / n_tok
     metrics["sampling/logp_gap"] = sums.gap / n_tok
     metrics["pg_loss"] = sums.pg
+    if sums.off_n:
+        metrics["oracle/weight_mean"] = sums.off_w / sums.off_n
     metrics.update(sums.single if sums.single is not None else sums.capture.pop())
     return metrics

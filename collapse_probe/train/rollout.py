@@ -29,6 +29,7 @@ class Trajectory:
     old_logp: list[float]  # log-prob of each generated token when it was sampled (0 elsewhere)
     reward: float = 0.0
     group: int = 0
+    source: str = "policy"  # "policy", "hinted" (sampled with a hint, train/hints.py) or "oracle" (train/offpolicy.py)
 
     @property
     def success(self) -> bool:
@@ -127,8 +128,10 @@ def rollout(model, tokenizer, tasks: list[world.Task], *, group_size: int = 1, m
             max_new_tokens: int = 48, temperature: float = 1.0, greedy: bool = False,
             reward: world.RewardSpec | None = None, seed: int | None = None, system: str | None = None,
             parse: Callable[[str], tuple[list[dict], str | None]] | None = None,
-            logits_processor: LogitsProcessor | None = None, harness: str = world.STRICT) -> list[Trajectory]:
-    """Sample `group_size` conversations per task with the environment in the loop (`harness`: world.episode)."""
+            logits_processor: LogitsProcessor | None = None, harness: str = world.STRICT,
+            hinted: int = 0, hint_system: Callable[[world.Task], str] | None = None) -> list[Trajectory]:
+    """Sample `group_size` conversations per task with the environment in the loop (`harness`: world.episode).
+    The first `hinted` samples of each group see `hint_system(task)` as their system prompt (source "hinted")."""
     reward = reward or world.RewardSpec()
     eos_id, pad_id = tokenizer.convert_tokens_to_ids(world.IM_END), tokenizer.pad_token_id
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -137,9 +140,12 @@ def rollout(model, tokenizer, tasks: list[world.Task], *, group_size: int = 1, m
     trajs = []
     for g, task in enumerate(tasks):
         prompt = tokenizer.encode(world.prompt_text(task, system), add_special_tokens=False)
-        for _ in range(group_size):
+        for j in range(group_size):
             ep = world.Episode(task, max_turns=max_turns, parse=parse or world.parse_calls, harness=harness)
-            trajs.append(Trajectory(task, ep, list(prompt), [0] * len(prompt), [0.0] * len(prompt), group=g))
+            ids, source = prompt, "policy"
+            if j < hinted and hint_system is not None:
+                ids, source = tokenizer.encode(world.prompt_text(task, hint_system(task)), add_special_tokens=False), "hinted"
+            trajs.append(Trajectory(task, ep, list(ids), [0] * len(ids), [0.0] * len(ids), group=g, source=source))
     live = list(range(len(trajs)))
     session = DecodeSession(model, pad_id)
     pending = [list(trajs[i].ids) for i in live]  # tokens of each live row not yet in the KV cache

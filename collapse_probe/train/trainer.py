@@ -22,11 +22,11 @@ from collapse_probe.formats.classify import FormatSpec, classify_turn
 from collapse_probe.runlog import RolloutLog, RunLog, lock_run_dir, unlock_run_dir
 from collapse_probe.schema import FORMAT_VALID, HEALTHY_STATES, FormatState, reason_key, state_key
 from collapse_probe.tokens import resolve_control_tokens
-from collapse_probe.train import grpo, instruct, sft, tiny
+from collapse_probe.train import error_sft, grpo, hints, instruct, judge, offpolicy, sft, tiny
 from collapse_probe import schema, world
 from collapse_probe.train.config import Mode, Schedule, TrainConfig
 from collapse_probe.train.run_files import check_run_dir, remove_run_files
-from collapse_probe.train.rollout import rollout
+from collapse_probe.train.rollout import Trajectory, rollout
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
@@ -53,6 +53,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dic
     roles = resolve_control_tokens(tok)
     role_ids = roles.distinct_ids()
     probe = ProbeSet.from_world(tok, n=16) if cfg.probe_every else None
+    reviewer = judge.make_judge(cfg.judge) if cfg.reflection else None  # a bad --judge fails before any write
     ref_model = None
     if cfg.kl_coef > 0:
         ref_model, _ = _load(cfg)
@@ -68,6 +69,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dic
     finally:
         unlock_run_dir(held)  # the RunLog holds it now (same process)
     failed: list[world.Task] = []
+    round_ = error_sft.FailedPrompts()
     spec = FormatSpec.hermes()
     last_ckpt = out
     model.train()
@@ -91,9 +93,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dic
         else:
             tasks = world.task_split("train", cfg.prompts_per_step, offset=step * cfg.prompts_per_step,
                                      run_seed=cfg.seed)
-            trajs = rollout(model, tok, tasks, group_size=cfg.group_size, max_turns=cfg.max_turns,
-                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, reward=cfg.reward,
-                            seed=cfg.seed * 100_003 + step, harness=cfg.harness)
+            trajs = sample_groups(model, tok, tasks, cfg, step)
             adv = grpo.group_advantages(trajs)
             out_loss = grpo.grpo_loss(model, trajs, adv, pad_id=tok.pad_token_id, clip_eps=cfg.clip_eps,
                                       kl_coef=cfg.kl_coef, ref_model=ref_model, temperature=cfg.temperature,
@@ -103,14 +103,21 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dic
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             rec.update(out_loss.metrics)
-            rec.update(_rollout_metrics(trajs, tok, spec))
+            own = [t for t in trajs if t.source == "policy"]  # success and formats: the policy unaided
+            rec.update(_rollout_metrics(own, tok, spec))
+            rec.update(_supervision_metrics(trajs))
             rec.update({schema.PHASE: "rl", schema.LOSS: float(out_loss.loss.detach()), schema.GRAD_NORM: float(gn),
                         schema.LR: opt.param_groups[0]["lr"]})
-            failed = ([t.task for t in trajs if not t.success] + failed)[:64]
+            failed = ([t.task for t in own if not t.success] + failed)[:64]
             if cfg.log_rollouts:
                 rlog.write(step, [_rollout_row(t, tok, step) for t in trajs[: cfg.log_rollouts]])
             if cfg.mode is Mode.INTERLEAVED and (step + 1) % cfg.sft_every == 0:
                 rec.update(_interleave(model, opt, tok, failed, cfg, rng))
+            if cfg.error_sft_every:
+                round_.add(trajs)
+                if (step + 1) % cfg.error_sft_every == 0:
+                    rec.update(_error_sft(model, opt, tok, round_.failures(cfg.harness), cfg, rng, reviewer))
+                    round_.clear()
         rec[schema.STEP_TIME] = time.time() - t0
         log.append(rec)
         if progress:
@@ -131,11 +138,34 @@ def _load(cfg: TrainConfig):
     return model, tok
 
 
+def sample_groups(model, tok, tasks: list[world.Task], cfg: TrainConfig, step: int) -> list[Trajectory]:
+    """One step's groups: G samples per task, of which `hint_samples` drawn with a hint (then stripped of it,
+    their old log-probs recomputed without it: train/hints.py) and `offpolicy_samples` the oracle's (offpolicy.py)."""
+    trajs = rollout(model, tok, tasks, group_size=cfg.group_size - cfg.offpolicy_samples, max_turns=cfg.max_turns,
+                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, reward=cfg.reward,
+                    seed=cfg.seed * 100_003 + step, harness=cfg.harness, hinted=cfg.hint_samples,
+                    hint_system=hints.hinted_system)
+    hinted = [hints.strip_hint(t, tok) for t in trajs if t.source == hints.SOURCE]
+    for t, logp in zip(hinted, grpo.sequence_logp(model, hinted, pad_id=tok.pad_token_id,
+                                                  temperature=cfg.temperature)):
+        t.old_logp = logp
+    if cfg.offpolicy_samples:
+        trajs = offpolicy.add_oracle_samples(trajs, tok, tasks, per_group=cfg.offpolicy_samples,
+                                             max_turns=cfg.max_turns, harness=cfg.harness, reward=cfg.reward)
+    return trajs
+
+
 def sft_step(model, opt, tok, tasks, cfg: TrainConfig, rng: random.Random, lr: float | None = None) -> dict:
     if cfg.sft_data == "instruct":
         seqs, masks = instruct.instruct_batch(tok, tasks, retry_frac=cfg.retry_frac, rng=rng)
     else:
         seqs, masks = sft.oracle_batch(tok, tasks, retry_frac=cfg.retry_frac, rng=rng)
+    return sft_update(model, opt, tok, seqs, masks, cfg, lr)
+
+
+def sft_update(model, opt, tok, seqs: list[list[int]], masks: list[list[int]], cfg: TrainConfig,
+               lr: float | None = None) -> dict:
+    """One SFT step on the given sequences (loss on their mask), at `lr` for this step if given."""
     batch = sft.collate(seqs, masks, tok.pad_token_id)
     previous = opt.param_groups[0]["lr"]
     if lr is not None:
@@ -163,6 +193,33 @@ def _interleave(model, opt, tok, failed: list[world.Task], cfg: TrainConfig, rng
         m = sft_step(model, opt, tok, pool + fill, cfg, rng, lr=cfg.sft_lr or cfg.lr)
         losses.append(m["loss"])
     return {"sft/loss": sum(losses) / len(losses), "sft/steps": float(len(losses))}
+
+
+def _error_sft(model, opt, tok, failures: list[error_sft.Failure], cfg: TrainConfig, rng: random.Random,
+               reviewer) -> dict:
+    """Between RL rounds: SFT on the round's failures (erroneous examples, plus reflections when on)."""
+    examples = [error_sft.erroneous_example(tok, f) for f in failures]
+    if reviewer is not None:
+        examples += [judge.reflection_example(tok, f, reviewer) for f in failures]
+    rec: dict = {"error_sft/examples": float(len(examples))}
+    if not examples:
+        return rec
+    losses = []
+    for _ in range(cfg.error_sft_steps):
+        batch = rng.sample(examples, min(cfg.sft_batch, len(examples)))
+        losses.append(sft_update(model, opt, tok, [b[0] for b in batch], [b[1] for b in batch], cfg,
+                                 lr=cfg.error_sft_lr or cfg.lr)[schema.LOSS])
+    rec["error_sft/loss"] = sum(losses) / len(losses)
+    return rec
+
+
+def _supervision_metrics(trajs) -> dict:
+    rec = {}
+    for source in (hints.SOURCE, offpolicy.SOURCE):
+        sel = [t for t in trajs if t.source == source]
+        if sel:
+            rec[f"{source}/success"] = sum(t.success for t in sel) / len(sel)
+    return rec
 
 
 def _rollout_metrics(trajs, tok, spec) -> dict:
