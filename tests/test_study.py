@@ -30,7 +30,7 @@ def test_study_fast_writes_table_figures_and_claims_and_resumes(tmp_path):
     report = tmp_path / "report"
     for name in ("table.md", "table.json", "claims.md", "report.md"):
         assert (report / name).stat().st_size > 100, name
-    for name in ("success.png", "p_eot.png", "lr.png"):
+    for name in ("methods.png", "success.png", "p_eot.png", "lr.png"):
         assert (report / name).stat().st_size > 5_000, name
     md = (report / "report.md").read_text()
     assert "The paper's claims" in md and "| method |" in md and "![" in md

@@ -223,7 +223,7 @@ def test_write_report(tmp_path):
     assert math.isclose(back["rows"][0]["lr"], MAIN_LR)
     report = (out / "report.md").read_text()
     assert report.startswith("# The supervisory-signal study\n\nSettings: synthetic rows.\n")
-    for img in ("success.png", "p_eot.png", "lr.png"):
+    for img in ("methods.png", "success.png", "p_eot.png", "lr.png"):
         assert f"]({img})" in report
     assert report.index("| method |") < report.index("](success.png)") < report.index("## The paper's claims")
     assert (out / "table.md").read_text() in report and (out / "claims.md").read_text() in report

@@ -144,12 +144,13 @@ def test_a_local_causal_lm_can_be_the_judge(tok, model, tmp_path):
 
 
 def test_a_tiny_run_with_every_signal_trains_and_logs_them(tmp_path):
-    cfg = _cfg(size="tiny", offpolicy_samples=1, hint_samples=1, error_sft_every=1, error_sft_steps=1,
+    cfg = _cfg(size="tiny", offpolicy_samples=1, hint_samples=1, error_sft_every=1, error_sft_epochs=1,
                reflection=True, sft_batch=4)
     train(cfg, tmp_path / "run")
     recs = read_records(tmp_path / "run")
     step = recs[0]
     assert step["error_sft/examples"] > 0 and "error_sft/loss" in step  # a random model fails every prompt
+    assert step["error_sft/steps"] == -(-step["error_sft/examples"] // 4)  # one epoch in batches of sft_batch
     assert 0 < step["oracle/weight_mean"] < 1 and step["oracle/success"] == 1.0 and "hinted/success" in step
     written = json.loads((tmp_path / "run" / "config.json").read_text())
     assert written["offpolicy_samples"] == 1 and written["reflection"] is True

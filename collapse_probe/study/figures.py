@@ -148,13 +148,43 @@ def _lr_figure(vanilla: list[tuple[float, list[dict]]], main_lr: float, out: Pat
     return _success_figure(series, out, "lr")
 
 
+def _methods_figure(series, out: Path) -> Path:
+    """Small multiples: one column per method, success above and p(end-of-turn after the tag) below, each
+    method's seed band against vanilla's mean (dashed grey), so no band hides another."""
+    reference = next((g for label, _, g in series if label.startswith("vanilla ")), None)
+    n = max(len(series), 1)
+    p_all = np.concatenate([trace_band(g, "p_eot")[3] for _, _, g in series] + [np.empty(0)])
+    log = p_all.size > 0 and p_all.max() > 10 * P_FLOOR
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(2, n, figsize=(1.25 * n + 0.6, 3.2), sharex=True, sharey="row", squeeze=False)
+        for j, (label, colour, group) in enumerate(series):
+            for i, key in enumerate(("success", "p_eot")):
+                ax = axes[i, j]
+                floor = P_FLOOR if key == "p_eot" and log else None
+                if reference is not None and group is not reference:
+                    steps, mean, _, _ = trace_band(reference, key)
+                    ax.plot(steps, np.clip(mean, floor, None) if floor else mean, color="0.55", lw=0.9, ls="--")
+                _bands(ax, [(label, colour, group)], key, floor=floor)
+                ax.xaxis.set_major_locator(MaxNLocator(nbins=3, integer=True))
+            axes[0, j].set_title(label.split(" (")[0], fontsize=8, color=colour)
+            axes[1, j].set_xlabel("RL step")
+        axes[0, 0].set_ylim(-0.02, 1.02)
+        axes[0, 0].set_ylabel("sampled success")
+        axes[1, 0].set_ylabel("p(<|im_end|> | <tool_call>\\n)")
+        if log:
+            axes[1, 0].set_yscale("log")
+            axes[1, 0].set_ylim(P_FLOOR, 1.3)
+        fig.tight_layout(pad=0.4, w_pad=0.3, h_pad=0.5)
+        return _save(fig, out / "methods")
+
+
 def plot_study(rows: Sequence[dict], out_dir: Path | str, *, main_lr: float) -> list[Path]:
     """Write success, p_eot (and lr, when vanilla ran at >= 2 lrs) as .png + .pdf into `out_dir`; returns the
     PNG paths. A figure with no traces to draw still gets written, saying so, so the report's links hold."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     series = _main_series(rows, main_lr)
-    paths = [_success_figure(series, out), _p_eot_figure(series, out)]
+    paths = [_methods_figure(series, out), _success_figure(series, out), _p_eot_figure(series, out)]
     vanilla = [(lr, g) for (m, lr), g in group_rows(rows).items() if m == "vanilla"]
     if len(vanilla) >= 2:
         paths.append(_lr_figure(vanilla, main_lr, out))

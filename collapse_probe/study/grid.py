@@ -32,14 +32,17 @@ METHOD_SETTINGS: dict[str, Callable[[int], dict]] = {
     "interleaved": lambda rnd: {"mode": "interleaved", "sft_every": 2, "sft_steps": 1},  # today's interleaved SFT
     "off-policy": lambda rnd: {"offpolicy_samples": 1},
     "hint": lambda rnd: {"hint_samples": 2},
-    "error-sft": lambda rnd: {"error_sft_every": rnd, "error_sft_steps": 4},
-    "reflection": lambda rnd: {"error_sft_every": rnd, "error_sft_steps": 4, "reflection": True},
+    "error-sft": lambda rnd: {"error_sft_every": rnd, "error_sft_epochs": 2},
+    "reflection": lambda rnd: {"error_sft_every": rnd, "error_sft_epochs": 2, "reflection": True},
 }
 assert tuple(METHOD_SETTINGS) == METHODS  # one display order (report.py), one set of names
 FORMAT_OOD = ("python_list", "json")
 CONTENT_OOD = ("reworded", "renamed_tools")
 IN_DISTRIBUTION = "hermes"
 ROW_FILE = "study.json"
+# Part of every saved row's key: raise it when what a method does changes without its config changing
+# (2: error-SFT phases got an optimizer of their own), so a resumed study retrains instead of reusing.
+ROW_VERSION = 2
 
 
 @dataclass
@@ -163,7 +166,7 @@ def run_one(cfg: StudyConfig, method: str, seed: int, lr: float, out: Path, init
     tcfg = cfg.train_config(method, seed, lr)
     tcfg.init = init
     run = out / run_name(method, seed, lr)
-    config = tcfg.to_dict()
+    config = {"version": ROW_VERSION, "train": tcfg.to_dict()}
     row = _read_row(run / ROW_FILE, config)
     if row is not None:
         return row
@@ -192,7 +195,7 @@ def run_study(cfg: StudyConfig, out: str | Path, report_dir: str | Path, *,
     out.mkdir(parents=True, exist_ok=True)
     init = start_model(cfg, threads=cfg.threads)
     start_file = out / "start.json"
-    start_cfg = {"init": init, "eval_tasks": cfg.eval_tasks}
+    start_cfg = {"version": ROW_VERSION, "init": init, "eval_tasks": cfg.eval_tasks}
     start = _read_row(start_file, start_cfg)
     if start is None:
         start = {"run": "start", "method": "start", **evaluate_model(init, n=cfg.eval_tasks)}
@@ -208,5 +211,6 @@ def run_study(cfg: StudyConfig, out: str | Path, report_dir: str | Path, *,
     if progress:
         progress("report", total, total)
     minutes = sum(r.get("wall_s", 0) for r in rows) / 60
-    settings = cfg.settings() + f" Start model: `{init}`. Training and evaluation of the runs: {minutes:.1f} min."
+    shown = init.replace(str(Path.home()), "~", 1)  # the report names the cache entry, not the user's home
+    settings = cfg.settings() + f" Start model: `{shown}`. Training and evaluation of the runs: {minutes:.1f} min."
     return write_report(rows, start, report_dir, main_lr=cfg.lr, steps=cfg.steps, settings=settings)

@@ -285,7 +285,10 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-_FIGURE_CAPTIONS = {"success": "Sampled success per RL step (mean over seeds; band: min to max)",
+_FIGURE_CAPTIONS = {"methods": "Per method (columns): sampled success (top) and on-policy p(end-of-turn) right after "
+                               "the tool-call opener (bottom) per RL step; line: mean over seeds, band: min to max, "
+                               "dashed: vanilla's mean",
+                    "success": "Sampled success per RL step (mean over seeds; band: min to max)",
                     "p_eot": "On-policy p(end-of-turn) right after the tool-call opener per RL step",
                     "lr": "Vanilla RL at each lr: sampled success per RL step"}
 

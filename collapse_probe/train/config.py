@@ -86,7 +86,7 @@ class TrainConfig:
     offpolicy_samples: int = _knob(0, ge=0)  # of each group's samples, this many are the oracle's trajectory
     hint_samples: int = _knob(0, ge=0)  # this many are sampled with a hint in the system prompt
     error_sft_every: int = _knob(0, ge=0)  # RL round length; after each, SFT on the failed prompts' turns
-    error_sft_steps: int = _knob(4, ge=1)
+    error_sft_epochs: int = _knob(2, ge=1)  # passes over the round's examples (the paper: 2 epochs)
     error_sft_lr: float | None = _knob(None, gt=0)  # None: the RL learning rate
     reflection: bool = False  # add a judge's analysis of each failure to the error SFT
     judge: str | None = None  # a local HF causal LM that writes the analysis (None: the rule judge)
@@ -163,7 +163,7 @@ def check_judge_path(path: str | Path) -> None:
 # Fields added after the first configs were written appear in config.json only when set away from their default,
 # so older configs, and the cached models' keys (a hash of to_json), stay as they were.
 _FIELDS_WRITTEN_WHEN_SET = ("sft_data", "harness", "offpolicy_samples", "hint_samples", "error_sft_every",
-                            "error_sft_steps", "error_sft_lr", "reflection", "judge")
+                            "error_sft_epochs", "error_sft_lr", "reflection", "judge")
 
 
 def apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:

@@ -1,11 +1,11 @@
 """Erroneous-example SFT (interleaved): RL in rounds; between rounds, SFT on the turns the policy got wrong.
 
 As in the paper's code: after a round of `error_sft_every` RL steps, the prompts that scored 0 in the round's
-last 10 steps (every policy sample of the group failed) become SFT examples, then `error_sft_steps` SFT steps
-run and RL resumes. An example is one failed conversation cut at its first wrong turn: the conversation's own
-prefix up to that turn (the environment's observations re-created), then the correct turn, the only tokens in
-the loss. The paper builds per-turn pairs from BFCL's per-turn ground truth; the embedded world's ground truth
-is one call chain, so "the correct turn" is the oracle's next call (or its answer) after the turns that matched.
+last 10 steps (every policy sample of the group failed) become SFT examples, then `error_sft_epochs` passes of
+SFT over them run with an optimizer of their own (the paper's SFT phases are separate jobs), and RL resumes with
+its optimizer as it was. The paper builds per-turn pairs from BFCL's per-turn ground truth; the embedded world's
+ground truth is one call chain, so "the correct turn" is the oracle's next call (or its answer) after the turns
+that matched.
 """
 
 from __future__ import annotations

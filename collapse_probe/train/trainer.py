@@ -95,11 +95,11 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dic
                                      run_seed=cfg.seed)
             trajs = sample_groups(model, tok, tasks, cfg, step)
             adv = grpo.group_advantages(trajs)
+            opt.zero_grad(set_to_none=True)
+            # backward per micro-batch inside the loss: one micro-batch's activations at a time, no recomputation
             out_loss = grpo.grpo_loss(model, trajs, adv, pad_id=tok.pad_token_id, clip_eps=cfg.clip_eps,
                                       kl_coef=cfg.kl_coef, ref_model=ref_model, temperature=cfg.temperature,
-                                      role_ids=role_ids)
-            opt.zero_grad(set_to_none=True)
-            out_loss.loss.backward()
+                                      role_ids=role_ids, backward=True)
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             rec.update(out_loss.metrics)
@@ -116,7 +116,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dic
             if cfg.error_sft_every:
                 round_.add(trajs)
                 if (step + 1) % cfg.error_sft_every == 0:
-                    rec.update(_error_sft(model, opt, tok, round_.failures(cfg.harness), cfg, rng, reviewer))
+                    rec.update(_error_sft(model, tok, round_.failures(cfg.harness), cfg, rng, reviewer))
                     round_.clear()
         rec[schema.STEP_TIME] = time.time() - t0
         log.append(rec)
@@ -195,21 +195,25 @@ def _interleave(model, opt, tok, failed: list[world.Task], cfg: TrainConfig, rng
     return {"sft/loss": sum(losses) / len(losses), "sft/steps": float(len(losses))}
 
 
-def _error_sft(model, opt, tok, failures: list[error_sft.Failure], cfg: TrainConfig, rng: random.Random,
+def _error_sft(model, tok, failures: list[error_sft.Failure], cfg: TrainConfig, rng: random.Random,
                reviewer) -> dict:
-    """Between RL rounds: SFT on the round's failures (erroneous examples, plus reflections when on)."""
+    """Between RL rounds: `error_sft_epochs` passes of SFT over the round's failures (erroneous examples, plus
+    reflections when on), with an optimizer of its own (error_sft.py says why); the RL optimizer is untouched."""
     examples = [error_sft.erroneous_example(tok, f) for f in failures]
     if reviewer is not None:
         examples += [judge.reflection_example(tok, f, reviewer) for f in failures]
     rec: dict = {"error_sft/examples": float(len(examples))}
     if not examples:
         return rec
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.error_sft_lr or cfg.lr, weight_decay=cfg.weight_decay,
+                            betas=(0.9, 0.99))
     losses = []
-    for _ in range(cfg.error_sft_steps):
-        batch = rng.sample(examples, min(cfg.sft_batch, len(examples)))
-        losses.append(sft_update(model, opt, tok, [b[0] for b in batch], [b[1] for b in batch], cfg,
-                                 lr=cfg.error_sft_lr or cfg.lr)[schema.LOSS])
-    rec["error_sft/loss"] = sum(losses) / len(losses)
+    for _ in range(cfg.error_sft_epochs):
+        order = rng.sample(examples, len(examples))
+        for i in range(0, len(order), cfg.sft_batch):
+            batch = order[i:i + cfg.sft_batch]
+            losses.append(sft_update(model, opt, tok, [b[0] for b in batch], [b[1] for b in batch], cfg)[schema.LOSS])
+    rec.update({"error_sft/loss": sum(losses) / len(losses), "error_sft/steps": float(len(losses))})
     return rec
 
 
