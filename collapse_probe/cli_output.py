@@ -6,13 +6,17 @@ Kept apart from cli.py so the commands stay thin; every bar draws on stderr, so 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-__all__ = ["err", "out", "print_json", "TrainProgress", "ScoreBar", "PhaseBar", "StudyBar"]
+__all__ = ["EXITS", "JSON_HELP", "err", "out", "print_json", "show_path", "TrainProgress", "ScoreBar", "PhaseBar", "StudyBar"]
+
+EXITS = "Exit codes: 0 ok, 1 bad input or failure, 2 usage error, 3 collapse confirmed."
+JSON_HELP = "Print one JSON object on stdout."
 
 out = Console()
 err = Console(stderr=True)
@@ -121,3 +125,8 @@ class StudyBar:
     def close(self) -> None:
         if self.task is not None:
             self.p.stop()
+
+
+def show_path(p: Path) -> str:
+    """A path as text that any terminal encoding can print (a non-UTF-8 name keeps its bytes escaped)."""
+    return os.fsdecode(p).encode("utf-8", "backslashreplace").decode("utf-8")

@@ -71,6 +71,9 @@ class StudyConfig:
             raise UserError("steps, eval tasks and the error round must be >= 1")
         if not math.isfinite(self.lr) or self.lr <= 0 or any(not math.isfinite(x) or x <= 0 for x in self.lr_sweep):
             raise UserError("learning rates must be positive numbers")
+        if self.init is not None and not (Path(self.init) / "config.json").is_file():
+            raise UserError(f"--init {self.init}: no model there (expected a Hugging Face model directory with "
+                            "config.json and *.safetensors); pass a checkpoint directory or leave --init unset")
         for method in self.methods:  # every run's config is checked now, before anything trains
             self.train_config(method, self.seeds[0], self.lr)
 
