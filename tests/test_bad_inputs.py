@@ -143,6 +143,7 @@ CASES = [  # (id, args ("{b}" is the fixture dir), exit code)
     ("study-lr-sweep-not-numbers", ["study", "--lr-sweep", "1e-3,x"], B),
     ("study-negative-lr", ["study", "--lr", "-1"], B),
     ("study-init-no-model", ["study", "--init", "{b}/stable"], B),
+    ("study-sft-preset", ["study", "--preset", "sft"], B),
     ("export-missing-out", ["export", "{b}/stable"], U),
     ("demo-seed-not-int", ["demo", "--seed", "x"], U),
     ("plot-extra-arg", ["plot", "{b}/stable", "extra"], U),

@@ -95,7 +95,12 @@ class StudyConfig:
         from collapse_probe.train.presets import get_preset
 
         cfg = get_preset(self.preset, seed=seed, steps=self.steps, lr=lr)
-        changes = {**self.extra, **METHOD_SETTINGS[method](self.error_round), "threads": self.threads,
+        if cfg.mode.value == "sft":
+            raise UserError(f"--preset {self.preset} is an SFT preset: a study needs an RL one (grpo-outcome, "
+                            "grpo-outcome-sft, grpo-collapse, grpo-stable)")
+        # plain GRPO under every method but interleaved, whatever mode the preset has
+        changes = {**self.extra, "mode": "grpo", "sft_every": 0, **METHOD_SETTINGS[method](self.error_round),
+                   "threads": self.threads,
                    "save_every": self.extra.get("save_every", 0)}
         cfg = dataclasses.replace(cfg, **changes)
         return TrainConfig.from_dict(cfg.to_dict())  # checked like any config
