@@ -91,7 +91,8 @@ def _states(ax, tl: Timeline) -> None:
                 thin.append((poly, STATE_LABELS[c]))
                 continue
             lo, hi = np.quantile(frac.index, [0.15, 0.85])  # keep the label inside the axes
-            x = frac[(frac.index >= lo) & (frac.index <= hi)].idxmax()
+            inner = frac[(frac.index >= lo) & (frac.index <= hi)]
+            x = (inner if len(inner) else frac).idxmax()  # a run of a few steps may have no inner step
             ax.text(x, tops.loc[x, c] - mix.loc[x, c] / 2, STATE_LABELS[c], ha="center", va="center",
                     color="white", fontweight="bold", clip_on=True)
         if thin:

@@ -64,6 +64,13 @@ def test_plot_sparse_run(tmp_path):
     _check(plot_timeline(tl, replay(tl.records()), tmp_path / "sparse"), tmp_path / "sparse")
 
 
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_plot_a_run_of_a_few_steps(tmp_path, n):
+    """The state labels sit at an inner step; a run of 1-3 steps has none and takes its own."""
+    tl = Timeline.from_records(_run(False, seed=3, n=n))
+    _check(plot_timeline(tl, None, tmp_path / "short"), tmp_path / "short")
+
+
 def test_plot_empty_run_is_a_user_error(tmp_path):
     with pytest.raises(UserError):
         plot_timeline(Timeline.from_records([]), None, tmp_path / "empty")
