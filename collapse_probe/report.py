@@ -161,12 +161,33 @@ def reward_summary(run: RunDir) -> str | None:
     harness = "paper-like harness (a bare tag is an empty reply; errors are observations)" \
         if cfg.get("harness") == "paper" else "strict harness"
     bonus = reward.get("tag_bonus") or 0
+    signals = _signals(cfg)
     if bonus > 0:
-        return (f"Reward: outcome {reward.get('correct')} plus a format bonus of {bonus} per turn that opens a tool "
+        return signals + (f"Reward: outcome {reward.get('correct')} plus a format bonus of {bonus} per turn that opens a tool "
                 f"call (at most {reward.get('max_bonus_tags', 8)} turns), {harness}. A collapse into bare tags here "
                 "is format-bonus reward hacking: the bare-tag policy earns more than a correct solution.")
-    return (f"Reward: binary outcome ({reward.get('correct')} correct, {reward.get('wrong')} wrong, no format term), "
-            f"{harness}. A collapse here loses reward: it comes from the training dynamics, not the reward.")
+    return signals + (f"Reward: binary outcome ({reward.get('correct')} correct, {reward.get('wrong')} wrong, no "
+                      f"format term), {harness}. A collapse here loses reward: it comes from the training dynamics, "
+                      "not the reward.")
+
+
+def _signals(cfg: dict) -> str:
+    """The supervisory signals the run trained with (train/offpolicy.py, hints.py, error_sft.py, judge.py), as a
+    sentence ending in a space, or '' when none was on."""
+    g = cfg.get("group_size", 8)
+    parts = []
+    if cfg.get("offpolicy_samples"):
+        parts.append(f"{cfg['offpolicy_samples']} of {g} samples per group the oracle's trajectory (off-policy, "
+                     "weighted p/(p+0.1))")
+    if cfg.get("hint_samples"):
+        parts.append(f"{cfg['hint_samples']} of {g} sampled with a hint (removed for the loss)")
+    if cfg.get("error_sft_every"):
+        judge = f" and reflections by {cfg['judge']}" if cfg.get("judge") else \
+            " and the rule judge's reflections" if cfg.get("reflection") else ""
+        parts.append(f"SFT on the failed prompts' corrected turns{judge} every {cfg['error_sft_every']} RL steps")
+    if cfg.get("mode") == "interleaved":
+        parts.append(f"SFT on the ground truth of failed prompts every {cfg.get('sft_every')} RL steps")
+    return ("Supervisory signals: " + "; ".join(parts) + ". ") if parts else ""
 
 
 def _config_section(run: RunDir) -> str:

@@ -67,3 +67,19 @@ def test_report_says_which_reward_trained_the_run(tmp_path):
     run = write_run(tmp_path / "trl", True)  # another trainer's config: no reward sentence
     (run / "config.json").write_text(json.dumps({"source": "callback"}))
     assert "Reward:" not in write_report(run, tmp_path / "rep-trl").read_text()
+
+
+def test_report_names_the_supervisory_signals_a_run_trained_with(tmp_path):
+    from collapse_probe.train.config import apply_overrides
+    from collapse_probe.train.presets import get_preset
+
+    cfg = apply_overrides(get_preset("grpo-outcome"), ["offpolicy_samples=1", "hint_samples=2",
+                                                       "error_sft_every=4", "reflection=true"])
+    run = write_run(tmp_path / "signals", True)
+    (run / "config.json").write_text(cfg.to_json())
+    md = write_report(run, tmp_path / "rep").read_text()
+    assert ("Supervisory signals: 1 of 8 samples per group the oracle's trajectory (off-policy, weighted p/(p+0.1)); "
+            "2 of 8 sampled with a hint (removed for the loss); SFT on the failed prompts' corrected turns and the "
+            "rule judge's reflections every 4 RL steps. Reward: binary outcome") in md
+    (run / "config.json").write_text(get_preset("grpo-outcome").to_json())
+    assert "Supervisory signals" not in write_report(run, tmp_path / "rep2").read_text()
