@@ -65,6 +65,26 @@ def test_paper_harness_ends_at_max_turns():
     assert len(ep.turns) == 30 and n == 29 and ep.final_answer is None and not ep.success
 
 
+def test_paper_reward_is_the_checker_even_when_the_turns_run_out():
+    """The paper's reward is 1 when its checker passes: every oracle call executed, whether or not a closing
+    answer came before max_turns (strict: the answer decides, so running out of turns is no_answer)."""
+    task = _task()
+    reward = world.RewardSpec(correct=1.0, wrong=0.0, no_answer=-0.5)
+    calls = [world.render_call(n, a) for n, a, _ in task.oracle_calls()]
+    ep = world.Episode(task, max_turns=len(calls), harness=world.PAPER)
+    for text in calls:
+        ep.step(text)
+    assert ep.done and ep.final_answer is None and ep.success and reward(ep) == 1.0
+    short = world.Episode(task, max_turns=len(calls) - 1, harness=world.PAPER)
+    for text in calls[:-1]:
+        short.step(text)
+    assert short.done and not short.success and reward(short) == -0.5
+    strict = world.Episode(task, max_turns=len(calls))
+    for text in calls:
+        strict.step(text)
+    assert strict.final_answer is None and not strict.success and reward(strict) == -0.5
+
+
 def test_unknown_harness_is_refused():
     with pytest.raises(ValueError, match="unknown harness"):
         world.Episode(_task(), harness="lenient")

@@ -25,5 +25,8 @@ class RewardSpec:
     max_bonus_tags: int = field(default=8, metadata={"ge": 0})  # bonus paid for at most this many turns
 
     def __call__(self, ep: Episode) -> float:
-        base = self.no_answer if ep.final_answer is None else (self.correct if ep.success else self.wrong)
+        if ep.success:  # strict: the answer was right; paper: the checker passed, a closing answer or not (its reward)
+            base = self.correct
+        else:
+            base = self.no_answer if ep.final_answer is None else self.wrong
         return base + self.tag_bonus * min(ep.n_tags, self.max_bonus_tags)
