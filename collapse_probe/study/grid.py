@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import Callable
 
 from collapse_probe import schema
 from collapse_probe.errors import UserError
-from collapse_probe.study.report import METHODS
+from collapse_probe.study.report import METHODS, write_atomic
 
 # method -> TrainConfig fields on top of the preset; `round` is the error-SFT round length (RL steps)
 METHOD_SETTINGS: dict[str, Callable[[int], dict]] = {
@@ -60,6 +59,7 @@ class StudyConfig:
     threads: int = 2
     init: str | None = None  # the start model (None: the preset's cached start, e.g. instruct)
     extra: dict = field(default_factory=dict)  # TrainConfig fields for every run (fast(): small budgets)
+    sft_start_steps: int | None = None  # no init: start from the sft preset trained this many steps (fast())
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHOD_SETTINGS]
@@ -81,7 +81,8 @@ class StudyConfig:
     def fast(cls, **changes) -> StudyConfig:
         small = dict(prompts_per_step=2, group_size=4, max_turns=4, max_new_tokens=24, probe_every=1,
                      save_every=0, log_rollouts=2, eval_tasks=2, sft_batch=8)
-        return cls(**{**dict(steps=3, seeds=(0,), lr_sweep=(5e-3,), error_round=1, eval_tasks=4, extra=small),
+        return cls(**{**dict(steps=3, seeds=(0,), lr_sweep=(5e-3,), error_round=1, eval_tasks=4, extra=small,
+                             sft_start_steps=20),
                       **changes})
 
     def runs(self) -> list[tuple[str, int, float]]:
@@ -99,9 +100,8 @@ class StudyConfig:
             raise UserError(f"--preset {self.preset} is an SFT preset: a study needs an RL one (grpo-outcome, "
                             "grpo-outcome-sft, grpo-collapse, grpo-stable)")
         # plain GRPO under every method but interleaved, whatever mode the preset has
-        changes = {**self.extra, "mode": "grpo", "sft_every": 0, **METHOD_SETTINGS[method](self.error_round),
-                   "threads": self.threads,
-                   "save_every": self.extra.get("save_every", 0)}
+        changes = {"mode": "grpo", "sft_every": 0, "save_every": 0, **self.extra,
+                   **METHOD_SETTINGS[method](self.error_round), "threads": self.threads}
         cfg = dataclasses.replace(cfg, **changes)
         return TrainConfig.from_dict(cfg.to_dict())  # checked like any config
 
@@ -122,8 +122,8 @@ def start_model(cfg: StudyConfig, *, threads: int | None = None) -> str:
         return cfg.init
     from collapse_probe.train.presets import START, cached_model
 
-    if cfg.extra:  # fast(): a few SFT steps stand in for the instruct model
-        return str(cached_model("sft", steps=20, threads=threads))
+    if cfg.sft_start_steps is not None:  # fast(): a few SFT steps stand in for the instruct model
+        return str(cached_model("sft", steps=cfg.sft_start_steps, threads=threads))
     return str(cached_model(START.get(cfg.preset, "sft"), threads=threads))
 
 
@@ -149,9 +149,7 @@ def _read_row(path: Path, config: dict) -> dict | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)  # atomic: a killed study never leaves a half-written row
+    write_atomic(path, json.dumps(data, indent=1))  # a killed study never leaves a half-written row
 
 
 def _trace(records: list[dict]) -> dict:
@@ -183,12 +181,11 @@ def run_one(cfg: StudyConfig, method: str, seed: int, lr: float, out: Path, init
     t0 = time.time()
     ckpt = train(tcfg, run, progress=progress)
     verdict = analyze(run)
-    records = read_records(run, warn=False)
-    succ = [r[schema.SUCCESS] for r in records if isinstance(r.get(schema.SUCCESS), (int, float))]
+    trace = _trace(read_records(run, warn=False))
     row = {"run": run.name, "method": method, "seed": seed, "lr": lr, "steps": cfg.steps,
            "collapsed": bool(verdict.get("collapsed")), "collapse_step": verdict.get("collapse_step"),
-           "success_start": succ[0] if succ else None, **evaluate_model(str(ckpt), n=cfg.eval_tasks),
-           "trace": _trace(records), "wall_s": round(time.time() - t0, 1)}
+           "success_start": next((s for s in trace["success"] if s is not None), None),
+           **evaluate_model(str(ckpt), n=cfg.eval_tasks), "trace": trace, "wall_s": round(time.time() - t0, 1)}
     _write_json(run / ROW_FILE, {"config": config, "row": row})
     return row
 

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 __all__ = ["METHODS", "NO_SFT_METHODS", "check_claims", "claims_markdown", "group_rows", "method_table",
-           "same_lr", "table_markdown", "write_report"]
+           "same_lr", "table_markdown", "write_atomic", "write_report"]
 
 METHODS = ("vanilla", "interleaved", "off-policy", "hint", "error-sft", "reflection")
 NO_SFT_METHODS = ("vanilla", "off-policy", "hint")  # methods that never train on the canonical calls
@@ -273,7 +273,7 @@ def _finite(obj):
     return obj
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     """Temp file in the same directory, then os.replace: a killed process never leaves a half-written file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # plain open(): the umask sets the mode
     try:
@@ -307,10 +307,10 @@ def write_report(rows: Sequence[dict], start: dict | None, out_dir: Path | str, 
     figures = plot_study(rows, out, main_lr=main_lr)
     payload = _finite({"table": table, "start": start, "claims": claims, "rows": list(rows)})
     table_md, claims_md = table_markdown(table, start), claims_markdown(claims)
-    _write_atomic(out / "table.md", table_md)
-    _write_atomic(out / "claims.md", claims_md)
-    _write_atomic(out / "table.json", json.dumps(payload, indent=1, allow_nan=False) + "\n")
+    write_atomic(out / "table.md", table_md)
+    write_atomic(out / "claims.md", claims_md)
+    write_atomic(out / "table.json", json.dumps(payload, indent=1, allow_nan=False) + "\n")
     images = "\n\n".join(f"![{_FIGURE_CAPTIONS.get(p.stem, p.stem)}]({p.name})" for p in figures)
     report = f"# The supervisory-signal study\n\n{settings.strip()}\n\n{table_md}\n{images}\n\n{claims_md}"
-    _write_atomic(out / "report.md", report)
+    write_atomic(out / "report.md", report)
     return payload

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from collapse_probe import world
-from collapse_probe.train.rollout import Trajectory
+from collapse_probe.train.rollout import POLICY, Trajectory
 
 WINDOW = 10  # the round's last steps whose all-failed prompts become examples
 
@@ -88,7 +88,7 @@ class FailedPrompts:
         self.steps: deque[list[Trajectory]] = deque(maxlen=window)
 
     def add(self, trajs: list[Trajectory]) -> None:
-        self.steps.append([t for t in trajs if t.source == "policy"])
+        self.steps.append([t for t in trajs if t.source == POLICY])
 
     def failures(self, harness: str) -> list[Failure]:
         """One failure per distinct (prompt, first wrong turn) of the all-failed prompts in the window."""

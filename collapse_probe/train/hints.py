@@ -14,9 +14,9 @@ the hint-free policy had drawn them: a biased but bounded push toward the hinted
 from __future__ import annotations
 
 from collapse_probe import world
-from collapse_probe.train.rollout import Trajectory
+from collapse_probe.train.rollout import HINTED, Trajectory
 
-SOURCE = "hinted"
+SOURCE = HINTED
 
 
 def hint_text(task: world.Task) -> str:

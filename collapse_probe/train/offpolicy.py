@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 
 from collapse_probe import world
-from collapse_probe.train.rollout import Trajectory
+from collapse_probe.train.rollout import ORACLE, Trajectory
 
 GAMMA = 0.1  # the paper's shaping constant in p / (p + 0.1)
-SOURCE = "oracle"
+SOURCE = ORACLE
 
 
 def oracle_sample(tokenizer, task: world.Task, *, group: int, max_turns: int, harness: str,

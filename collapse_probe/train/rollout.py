@@ -16,6 +16,8 @@ import torch
 
 from collapse_probe import world
 
+POLICY, HINTED, ORACLE = "policy", "hinted", "oracle"  # where a trajectory's turns came from (Trajectory.source)
+
 # (generated ids of the current turn for each live row, logits [rows, vocab]) -> logits
 LogitsProcessor = Callable[[list[list[int]], torch.Tensor], torch.Tensor]
 
@@ -29,7 +31,7 @@ class Trajectory:
     old_logp: list[float]  # log-prob of each generated token when it was sampled (0 elsewhere)
     reward: float = 0.0
     group: int = 0
-    source: str = "policy"  # "policy", "hinted" (sampled with a hint, train/hints.py) or "oracle" (train/offpolicy.py)
+    source: str = POLICY  # or HINTED (sampled with a hint, train/hints.py), ORACLE (train/offpolicy.py)
 
     @property
     def success(self) -> bool:
@@ -142,9 +144,9 @@ def rollout(model, tokenizer, tasks: list[world.Task], *, group_size: int = 1, m
         prompt = tokenizer.encode(world.prompt_text(task, system), add_special_tokens=False)
         for j in range(group_size):
             ep = world.Episode(task, max_turns=max_turns, parse=parse or world.parse_calls, harness=harness)
-            ids, source = prompt, "policy"
+            ids, source = prompt, POLICY
             if j < hinted and hint_system is not None:
-                ids, source = tokenizer.encode(world.prompt_text(task, hint_system(task)), add_special_tokens=False), "hinted"
+                ids, source = tokenizer.encode(world.prompt_text(task, hint_system(task)), add_special_tokens=False), HINTED
             trajs.append(Trajectory(task, ep, list(ids), [0] * len(ids), [0.0] * len(ids), group=g, source=source))
     live = list(range(len(trajs)))
     session = DecodeSession(model, pad_id)

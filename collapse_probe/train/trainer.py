@@ -26,7 +26,7 @@ from collapse_probe.train import error_sft, grpo, hints, instruct, judge, offpol
 from collapse_probe import schema, world
 from collapse_probe.train.config import Mode, Schedule, TrainConfig
 from collapse_probe.train.run_files import check_run_dir, remove_run_files
-from collapse_probe.train.rollout import Trajectory, rollout
+from collapse_probe.train.rollout import POLICY, Trajectory, rollout
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
@@ -103,7 +103,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dic
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             rec.update(out_loss.metrics)
-            own = [t for t in trajs if t.source == "policy"]  # success and formats: the policy unaided
+            own = [t for t in trajs if t.source == POLICY]  # success and formats: the policy unaided
             rec.update(_rollout_metrics(own, tok, spec))
             rec.update(_supervision_metrics(trajs))
             rec.update({schema.PHASE: "rl", schema.LOSS: float(out_loss.loss.detach()), schema.GRAD_NORM: float(gn),
