@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	# verl without its pins (they would downgrade transformers); the modules it imports come with [test]
 	$(BIN)/pip install -q --no-deps 'verl==0.9.1'
+	# BFCL v4 data, environment classes and checkers, without its pins (numpy==1.26.4, openai, vllm, ...);
+	# the multi-turn classes need only the standard library and mpmath (in our dependencies)
+	$(BIN)/pip install -q --no-deps 'bfcl-eval==2026.3.23'
 	touch $(STAMP)
 
 setup: $(STAMP)

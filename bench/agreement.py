@@ -20,13 +20,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from collapse_probe.watch import EXIT_COLLAPSED
+from collapse_probe.commands.watch import EXIT_COLLAPSED
 
-FIELDS = ("collapsed", "collapse_step", "first_alert_step", "confirmed_at")
+FIELDS = ("collapsed", "status", "collapse_step", "first_alert_step", "confirmed_at", "drift_step")
 
 
 def _run(*args: str) -> dict:
-    res = subprocess.run([sys.executable, "-m", "collapse_probe.cli", *args], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "collapse_probe.cli.app", *args], capture_output=True, text=True)
     if res.returncode not in (0, EXIT_COLLAPSED):
         raise SystemExit(f"{' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
     return json.loads(res.stdout.strip().splitlines()[-1])

@@ -12,6 +12,11 @@ For each run the "truth" is the reward drop: the first step where success falls 
     python bench/detection.py --corpus runs/detection --no-train   # score existing runs only
 
 Runs are trained one after another (each a few minutes on 2 CPU cores); existing complete runs are reused.
+A run's category comes from its directory name (collapse-s33, stable-s32, interleaved-s32, outcome-s31, harsh-s0),
+so a corpus trained by hand with `collapse-probe train ... --out DIR/collapse-sN` is scored the same way. The
+first table is per detector ("first warning (ours)" is the verdict's first control-token or format alert); the
+second per run: reward-drop step, first alert (detected_at), lead, verdict status, the highest probability a
+warned control-token series reached, and what warned first.
 """
 
 from __future__ import annotations
@@ -33,13 +38,15 @@ CORPUS = {
     "outcome-sft": ("grpo-outcome-sft", {}),  # the same RL from instruct + tool SFT (the paper's SFT-first arm)
 }
 SEEDS = (0, 1, 2, 3, 4)
-KIND_NAMES = {"control_spike": "control_token (ours)", "format_breakage": "format_breakage (ours)",
+KIND_NAMES = {"control_spike": "control_token spike (ours)", "control_drift": "control_token drift (ours)",
+              "format_breakage": "format_breakage (ours)",
               "entropy_drop": "entropy_drop", "reward_var_collapse": "reward_var_collapse (RAGEN)",
-              "grad_norm_spike": "grad_norm_spike (KillLossSpike)", "validity_drop": "validity_drop"}
+              "grad_norm_spike": "grad_norm_spike (KillLossSpike)", "validity_drop": "validity_drop",
+              "mismatch_rise": "mismatch_rise (train-inference)"}
 
 
 def train_missing(corpus: Path, names: list[str], seeds: tuple[int, ...], steps: int | None, threads: int) -> None:
-    from collapse_probe.runlog import read_records
+    from collapse_probe.runs.joined import read_records
     from collapse_probe.train.presets import START, cached_model, get_preset
     from collapse_probe.train.trainer import train
 
@@ -60,15 +67,36 @@ def train_missing(corpus: Path, names: list[str], seeds: tuple[int, ...], steps:
             train(cfg, run)
 
 
+CATEGORY_OF = {"collapse": "format-bonus collapse", "interleaved": "contained spike (interleaved)",
+               "stable": "stable (KL anchor)", "outcome": "binary outcome (preset lr)", "harsh": "harsh lr"}
+OURS = "first warning (ours)"  # the verdict's first control-token / format alert: what a user is told first
+
+
+def category(run: Path) -> str:
+    """The corpus entry a run belongs to, from its directory name (`collapse-s31` -> collapse)."""
+    name = run.name.rsplit("-s", 1)[0]
+    return next((k for k in CATEGORY_OF if name == k or name.startswith(k + "-")), name)
+
+
+def _max_warned_p(run_records: list[dict], events) -> float | None:
+    """The highest probability a warned control-token series reached (issue 22: a warning names a rise that
+    reached at least 5%)."""
+    keys = {e.key for e in events if e.kind in ("control_spike", "control_drift") and e.direction == "up"}
+    vals = [r[k] for r in run_records for k in keys if isinstance(r.get(k), (int, float))]
+    return max(vals) if vals else None
+
+
 def score(corpora: list[Path]) -> dict:
     from collapse_probe.detect.monitor import replay
-    from collapse_probe.timeline import Timeline
+    from collapse_probe.detect.verdict import WARNING_KINDS
+    from collapse_probe.runs.timeline import Timeline
 
     rows = []
     runs = sorted(p for corpus in corpora for p in corpus.iterdir() if (p / "metrics.jsonl").exists())
     for run in runs:
         tl = Timeline.from_run(run)
-        v = replay(tl.records())
+        records = list(tl.records())
+        v = replay(records)
         d = v.to_dict()
         truth = d["collapse_step"]
         # Every detector is scored by when it would have alarmed online (detected_at), not its dated onset.
@@ -76,25 +104,61 @@ def score(corpora: list[Path]) -> dict:
         for ev in v.events:
             name = KIND_NAMES.get(ev.kind, ev.kind)
             if name in detectors and detectors[name] is None and ev.kind != "reward_drop":
-                detectors[name] = ev.detected_at if ev.detected_at is not None else ev.step
-        rows.append({"run": f"{run.parent.name}/{run.name}", "collapsing": truth is not None, "reward_drop_step": truth,
+                detectors[name] = ev.detected_at
+        detectors[OURS] = d["first_alert_step"]
+        warnings = [e.to_dict() for e in v.events if e.kind in WARNING_KINDS]
+        rows.append({"run": f"{run.parent.name}/{run.name}", "category": category(run), "collapsing": truth is not None,
+                     "reward_drop_step": truth, "steps": len(tl), "status": d["status"], "collapsed": d["collapsed"],
+                     "collapse_reason": d["collapse_reason"], "first_warning": warnings[0] if warnings else None,
+                     "max_warned_p": _max_warned_p(records, [e for e in v.events if e.kind in WARNING_KINDS]),
                      "alarms": detectors})
     table = {}
-    names = sorted({k for r in rows for k in r["alarms"]})
+    names = [OURS, *sorted({k for r in rows for k in r["alarms"]} - {OURS})]
     for name in names:
         col = [r for r in rows if r["collapsing"]]
         caught = [r for r in col if r["alarms"][name] is not None and r["alarms"][name] < r["reward_drop_step"]]
-        stable = [r for r in rows if not r["collapsing"]]
-        false = [r for r in stable if r["alarms"][name] is not None]
+        stable = [r for r in rows if r["category"] == "stable"]
+        quiet_expected = [r for r in rows if not r["collapsing"]]
         leads = [r["reward_drop_step"] - r["alarms"][name] for r in caught]
-        fired = [r["reward_drop_step"] - r["alarms"][name] for r in col if r["alarms"][name] is not None]
+        fired = {r["run"]: r["reward_drop_step"] - r["alarms"][name] for r in col if r["alarms"][name] is not None}
         table[name] = {"detection_rate": len(caught) / len(col) if col else None,
                        "caught": len(caught), "collapsing_runs": len(col),
-                       "false_alarms": len(false), "stable_runs": len(stable),
+                       "false_alarms": sum(r["alarms"][name] is not None for r in stable), "stable_runs": len(stable),
+                       "fired_without_drop": sum(r["alarms"][name] is not None for r in quiet_expected),
+                       "runs_without_drop": len(quiet_expected),
                        "median_lead_steps": statistics.median(leads) if leads else None,
-                       "fired_any_time": len(fired),
-                       "median_lead_when_fired": statistics.median(fired) if fired else None}
+                       "fired_any_time": len(fired), "leads": fired,
+                       "median_lead_when_fired": statistics.median(fired.values()) if fired else None}
     return {"runs": rows, "detectors": table}
+
+
+def render(result: dict) -> str:
+    """The two tables as text: per detector, then per run."""
+    rows = result["runs"]
+    n_col = sum(r["collapsing"] for r in rows)
+    cats = sorted({r["category"] for r in rows})
+    lines = [f"{len(rows)} runs: {n_col} with a reward drop; " +
+             ", ".join(f"{sum(r['category'] == c for r in rows)} {CATEGORY_OF.get(c, c)}" for c in cats),
+             "detected = fired before the reward drop (runs with a drop); false alarms = fired at all on a stable "
+             "run; lead = drop step - alert step (detected_at), negative: after the drop", "",
+             f"{'detector':<32} {'detected':>9} {'false alarms':>13} {'median lead':>12}  leads per run (fired at all)"]
+    for name, t in result["detectors"].items():
+        lead = "-" if t["median_lead_steps"] is None else f"{t['median_lead_steps']:.1f}"
+        per = ", ".join(f"{k.split('/')[-1]}:{v:+d}" for k, v in t["leads"].items()) or "-"
+        lines.append(f"{name:<32} {t['caught']:>5}/{t['collapsing_runs']:<3} "
+                     f"{t['false_alarms']:>9}/{t['stable_runs']:<3} {lead:>12}  {per}")
+    lines += ["", f"{'run':<28} {'steps':>5} {'drop':>5} {'alert':>5} {'lead':>5}  {'verdict':<12} "
+              f"{'max p warned':>12}  first warning"]
+    for r in rows:
+        f = lambda v: "-" if v is None else str(v)  # noqa: E731
+        w = r["first_warning"]
+        what = "-" if w is None else f"{w['kind']} {w['role'] or w['key']} {w['direction']} (onset {w['step']})"
+        alert = r["alarms"][OURS]
+        lead = None if alert is None or r["reward_drop_step"] is None else r["reward_drop_step"] - alert
+        mp = "-" if r["max_warned_p"] is None else f"{r['max_warned_p']:.3f}"
+        lines.append(f"{r['run']:<28} {r['steps']:>5} {f(r['reward_drop_step']):>5} {f(alert):>5} {f(lead):>5}  "
+                     f"{r['status']:<12} {mp:>12}  {what}")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -118,18 +182,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    n_col = sum(r["collapsing"] for r in result["runs"])
-    print(f"{len(result['runs'])} runs: {n_col} collapsing, {len(result['runs']) - n_col} stable")
-    print("detected = fired before the reward drop; lead in steps before the drop (negative: after it)")
-    print(f"{'detector':<32} {'detected':>9} {'false alarms':>13} {'median lead':>12} {'fired at all':>13} "
-          f"{'median lead if fired':>21}")
-    for name, t in sorted(result["detectors"].items(), key=lambda kv: -(kv[1]["median_lead_steps"] or -1e9)):
-        rate = f"{t['caught']}/{t['collapsing_runs']}"
-        lead = "-" if t["median_lead_steps"] is None else f"{t['median_lead_steps']:.1f}"
-        any_lead = "-" if t["median_lead_when_fired"] is None else f"{t['median_lead_when_fired']:.1f}"
-        false = f"{t['false_alarms']}/{t['stable_runs']}"
-        print(f"{name:<32} {rate:>9} {false:>13} {lead:>12} {t['fired_any_time']:>10}/{t['collapsing_runs']:<2} "
-              f"{any_lead:>21}")
+    print(render(result))
 
 
 if __name__ == "__main__":

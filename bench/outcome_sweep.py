@@ -40,7 +40,7 @@ EOT, JSON = "end_of_turn", "json_open"
 
 
 def _train(out: Path, names: list[str], steps: int, seed: int, init_override: dict[str, str], threads: int) -> None:
-    from collapse_probe.runlog import read_records
+    from collapse_probe.runs.joined import read_records
     from collapse_probe.train.presets import cached_model, get_preset
     from collapse_probe.train.trainer import train
 
@@ -64,7 +64,7 @@ def _train(out: Path, names: list[str], steps: int, seed: int, init_override: di
 def summarise(run: Path) -> dict:
     """One row of the table from a run directory."""
     from collapse_probe import schema
-    from collapse_probe.timeline import Timeline
+    from collapse_probe.runs.timeline import Timeline
 
     tl = Timeline.from_run(run)
     ao = schema.Position.AFTER_OPEN.value
@@ -104,7 +104,7 @@ def summarise(run: Path) -> dict:
 def trace_rows(run: Path) -> list[dict]:
     """Per step: success, on-policy p(end-of-turn) and p(`{"`) after the open tag, the four pressure parts."""
     from collapse_probe import schema
-    from collapse_probe.timeline import Timeline
+    from collapse_probe.runs.timeline import Timeline
 
     tl = Timeline.from_run(run)
     ao = schema.Position.AFTER_OPEN.value

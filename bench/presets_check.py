@@ -17,7 +17,7 @@ P_EOT = "cp/rollout/after_open/end_of_turn"
 
 
 def check_run(path: Path) -> dict:
-    from collapse_probe.runlog import read_records
+    from collapse_probe.runs.joined import read_records
 
     recs = [r for r in read_records(path, warn=False) if "success" in r]
     s0 = recs[0]["success"]

@@ -58,7 +58,7 @@ class Bench:
 
 def eval_canonical(path: Path, n: int) -> dict:
     from collapse_probe.recover.evaluate import evaluate_format
-    from collapse_probe.train.real_model import load_chat_model
+    from collapse_probe.models.load import load_chat_model
 
     model, tok, _ = load_chat_model(path)
     model.eval()
@@ -85,7 +85,7 @@ def sft(base: Path, work: Path, steps: int, batch: int, lr: float, eval_tasks: i
 def grid(ckpt: Path, n: int) -> dict:
     from collapse_probe.recover.evaluate import evaluate_format, format_spread
     from collapse_probe.recover.grid import FORMAT_NAMES
-    from collapse_probe.train.real_model import load_chat_model
+    from collapse_probe.models.load import load_chat_model
 
     model, tok, _ = load_chat_model(ckpt)
     model.eval()
@@ -129,7 +129,7 @@ def grpo_numbers(work: Path) -> dict:
 
 
 def report(work: Path, out: Path, res: dict) -> dict:
-    from collapse_probe.report import write_report
+    from collapse_probe.commands.report import write_report
 
     sections = [("Real-model benchmark (bench/real_model.py)", summary_markdown(res))]
     path = write_report(work / "grpo", out, extra_sections=sections)
@@ -183,7 +183,7 @@ def _mean(xs) -> float | None:
 
 
 def _records(run: Path) -> list[dict]:
-    from collapse_probe.runlog import read_records
+    from collapse_probe.runs.joined import read_records
 
     return list(read_records(run, warn=False))
 
@@ -225,7 +225,7 @@ def main() -> None:
         (args.out / "summary.md").write_text(TITLE + summary_markdown(res) + "\n")
         print((args.out / "summary.md").read_text())
         return
-    from collapse_probe.models import fetch
+    from collapse_probe.models.fetch import fetch
 
     torch.set_num_threads(args.threads)
     b = Bench(args.out)

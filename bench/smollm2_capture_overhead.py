@@ -34,12 +34,12 @@ def main() -> None:
     args = ap.parse_args()
     from collapse_probe.capture.hooks import ControlTokenCapture
     from collapse_probe.capture.stats import decision_positions, position_stats
-    from collapse_probe.models import fetch
+    from collapse_probe.models.fetch import fetch
     from collapse_probe.tokens import resolve_control_tokens
     from collapse_probe.train import grpo
     from collapse_probe.train.rollout import Trajectory
     from collapse_probe.train.sft import collate
-    from collapse_probe.train.tiny import load_pretrained
+    from collapse_probe.models.load import load_pretrained
     from collapse_probe import world
 
     torch.set_num_threads(args.threads)

@@ -28,9 +28,9 @@ def main() -> None:
     args = ap.parse_args()
     init = args.init
     if init is None:
-        from collapse_probe.models import fetch
+        from collapse_probe.models.fetch import fetch
         init = str(fetch("smollm2-135m"))
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-c", "from collapse_probe.cli import main; main()", "train",
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-c", "from collapse_probe.cli.app import main; main()", "train",
            "--preset", args.preset, "--init", init, "--steps", "1", "--out", str(args.out), "--overwrite", "--json",
            "--set", "eval_tasks=8", "--set", "save_every=0"]
     t0 = time.time()

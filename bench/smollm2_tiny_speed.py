@@ -59,14 +59,15 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     from collapse_probe.tokens import resolve_control_tokens
-    from collapse_probe.train import grpo, tiny
+    from collapse_probe.models import load as model_load
+    from collapse_probe.train import grpo
     from collapse_probe.train.presets import get_preset, sft_checkpoint
     from collapse_probe.train.rollout import rollout
     from collapse_probe import world
 
     torch.set_num_threads(args.threads)
     cfg = get_preset("grpo-collapse")
-    model, tok = tiny.load_pretrained(sft_checkpoint())
+    model, tok = model_load.load_pretrained(sft_checkpoint())
     role_ids = resolve_control_tokens(tok).distinct_ids()
     t0 = time.perf_counter()
     trajs = rollout(model, tok, world.task_split("train", cfg.prompts_per_step), group_size=cfg.group_size,

@@ -9,7 +9,7 @@ __all__ = ["CollapseProbeCallback", "ControlTokenCapture"]
 
 def __getattr__(name: str):
     if name == "CollapseProbeCallback":
-        from collapse_probe.capture.callback import CollapseProbeCallback
+        from collapse_probe.integrations.callback import CollapseProbeCallback
         return CollapseProbeCallback
     if name == "ControlTokenCapture":
         from collapse_probe.capture.hooks import ControlTokenCapture

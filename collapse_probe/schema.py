@@ -16,8 +16,10 @@ plus the trainer metrics named below (`success`, `reward/mean`, ...). Role names
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
+from typing import Iterable
 
 
 class Source(str, Enum):
@@ -34,6 +36,7 @@ class Position(str, Enum):
     TURN_START = "turn_start"    # the first token of a generated assistant turn
     AFTER_CLOSE = "after_close"  # right after the tool-call closing tag
     JSON_BODY = "json_body"      # right after the JSON body opens inside a call
+    BODY_CLOSED = "body_closed"  # the JSON body has closed: `</tool_call>` must follow (issue 21)
 
 
 class FormatState(str, Enum):
@@ -73,13 +76,48 @@ LR = "lr"
 PHASE = "phase"
 EVAL_SUCCESS = "eval/success"
 STEP_TIME = "time/step_s"
+# the reference trainer's own (train/trainer.py, train/grpo.py)
+RESPONSE_LEN = "len/response_mean"   # generated tokens per trajectory
+TURNS_MEAN = "len/turns_mean"        # assistant turns per trajectory
+TOOL_CALLS = "tools/calls_mean"      # executed calls per trajectory
+TOOL_ERRORS = "tools/errors_mean"    # calls that returned an error
+CLIP_RATIO = "clip_ratio"
+PG_LOSS = "pg_loss"
+LOGP_GAP = "sampling/logp_gap"       # mean |sampler log-prob - trainer log-prob| of the sampled tokens
+ORACLE_WEIGHT = "oracle/weight_mean"  # off-policy supervision: mean p/(p+0.1) of the oracle's tokens
+SFT_LOSS, SFT_STEPS = "sft/loss", "sft/steps"  # interleaved SFT after an RL step
+ERROR_SFT_EXAMPLES, ERROR_SFT_LOSS, ERROR_SFT_STEPS = "error_sft/examples", "error_sft/loss", "error_sft/steps"
 
-# Other trainers' names for our metrics, read when ours are absent (verl's file logger; TRL's are mapped on read
-# by integrations/hf_output.py). verl's `critic/score/mean` is the mean outcome score: success under 0/1 rewards.
+
+def source_success_key(source: str) -> str:
+    """`{source}/success`: the success of one trajectory source (hinted samples, oracle samples)."""
+    return f"{source}/success"
+
+# Other trainers' names for our metrics, read when ours are absent: verl's file logger (`critic/score/mean` is the
+# mean outcome score: success under 0/1 rewards) and TRL / HF Trainer logs (`reward`, `reward_std`, `learning_rate`).
 METRIC_ALIASES: dict[str, tuple[str, ...]] = {
-    SUCCESS: ("critic/score/mean",), REWARD_MEAN: ("critic/rewards/mean",), ENTROPY: ("actor/entropy",),
-    GRAD_NORM: ("actor/grad_norm",), KL: ("actor/ppo_kl",),
+    SUCCESS: ("critic/score/mean",), REWARD_MEAN: ("critic/rewards/mean", "reward"), REWARD_STD: ("reward_std",),
+    ENTROPY: ("actor/entropy",), GRAD_NORM: ("actor/grad_norm",), KL: ("actor/ppo_kl",), LR: ("learning_rate",),
 }
+TRL_REWARD_FN = ("rewards/", "/mean", "/std")  # TRL's per-reward-function keys: rewards/{fn}/mean, rewards/{fn}/std
+
+
+def add_aliases(rec: dict) -> dict:
+    """`rec` with our name added for each metric another trainer logged under its own (their names kept); with
+    one TRL reward function and no total reward, its `rewards/{fn}/mean|std` is the reward. Returns `rec`."""
+    for ours, theirs in METRIC_ALIASES.items():
+        if ours not in rec:
+            found = next((rec[t] for t in theirs if t in rec), None)
+            if found is not None:
+                rec[ours] = found
+    prefix, mean, std = TRL_REWARD_FN
+    means = [k for k in rec if k.startswith(prefix) and k.endswith(mean)]
+    if REWARD_MEAN not in rec and len(means) == 1:
+        rec[REWARD_MEAN] = rec[means[0]]
+        spread = means[0][: -len(mean)] + std
+        if spread in rec and REWARD_STD not in rec:
+            rec[REWARD_STD] = rec[spread]
+    return rec
 
 
 def metric_keys(name: str) -> tuple[str, ...]:
@@ -105,6 +143,20 @@ COLLAPSED = "monitor/collapsed"          # 1 from the step the collapse rule is 
 COLLAPSE_REASON = "monitor/collapse_reason"
 CHECKPOINT_SAVED = "monitor/checkpoint"  # checkpoint folder saved at the alarm step (on_warning="checkpoint")
 STOPPED = "monitor/stopped"              # 1 when the callback stopped training (on_collapse="stop")
+
+
+def finite_or_none(v: object) -> float | None:
+    """A record value as a float when it is a finite number (or a number's string, as "NaN" is written), else None;
+    booleans are flags, not numbers. The one rule every reader and detector applies to a value."""
+    if type(v) is float:  # the usual case, and None (a missing key), without the exception path (issue 22: speed)
+        return v if v - v == 0.0 else None
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        v = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return v if math.isfinite(v) else None
 
 
 def _value(x: str | Enum) -> str:
@@ -204,6 +256,13 @@ def parse_cp_key(key: str) -> CaptureKey | None:
     return CaptureKey(parts[1], parts[2], parts[3])
 
 
+def pick_source(keys: Iterable[str]) -> str:
+    """On-policy (rollout) captures when the run logs them, else the probe set's."""
+    sources = {k.source for k in map(parse_cp_key, keys) if k is not None}
+    return Source.PROBE.value if Source.ROLLOUT.value not in sources and \
+        Source.PROBE.value in sources else Source.ROLLOUT.value
+
+
 @dataclass(frozen=True)
 class PressureKey:
     position: str
@@ -220,3 +279,112 @@ def parse_gp_key(key: str) -> PressureKey | None:
 
 def parse_reason_key(key: str) -> str | None:
     return key[len(REASON_PREFIX):] if key.startswith(REASON_PREFIX) and len(key) > len(REASON_PREFIX) else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training-inference mismatch (issue 21): the rollout engine's (sampler's) view beside the trainer's.
+#   mm/{position}/{role}/{p_train|p_rollout|log_ratio|k3}  at decision positions where `role` was sampled (role
+#                                  "any": every sampled token there): mean trainer / sampler probability of the
+#                                  sampled token, mean log(p_train / p_rollout), mean k3 = exp(r) - r - 1
+#   mm/{position}/{role}/count     how many such positions (summed)
+#   mm/{position}/{role}/q         the sampler's mean probability of the role there (where its distribution was kept)
+#   mm/{position}/{role}/pressure  mean adv * (q_k - p_k): the mismatch part of the push on the role's logit (zero
+#                                  on-policy); gp chosen + other minus this is sampling noise
+#   mm/{position}/q_count          positions the q / pressure means are over (summed)
+#   mm/k3_kl, mm/kl, mm/abs_log_ratio, mm/tokens   over every policy token: k3 and k1 estimates of
+#                                  KL(rollout || train), mean |log p_train - log p_rollout|, and the token count
+#   mm/corr/...                    the rollout correction's weights and masked share
+#   mm/status                      a string: why a capture has no mismatch numbers (e.g. no sampler log-probs)
+MISMATCH_PREFIX = "mm/"
+ANY_TOKEN = "any"  # the role name of "every sampled token at this position"
+
+
+class MismatchStat(str, Enum):
+    P_TRAIN, P_ROLLOUT, LOG_RATIO, K3, COUNT, Q, PRESSURE = ("p_train", "p_rollout", "log_ratio", "k3", "count",
+                                                              "q", "pressure")
+
+
+SAMPLED_STATS: tuple[str, ...] = tuple(s.value for s in (MismatchStat.P_TRAIN, MismatchStat.P_ROLLOUT,
+                                                          MismatchStat.LOG_RATIO, MismatchStat.K3))
+Q_STATS: tuple[str, ...] = (MismatchStat.Q.value, MismatchStat.PRESSURE.value)
+MM_Q_COUNT = "q_count"
+MM_K3_KL, MM_KL, MM_ABS_LOG_RATIO = "mm/k3_kl", "mm/kl", "mm/abs_log_ratio"
+MM_TOKENS, MM_STATUS = "mm/tokens", "mm/status"
+MM_IS_MEAN, MM_IS_MIN, MM_IS_MAX = "mm/corr/is_mean", "mm/corr/is_min", "mm/corr/is_max"
+MM_SEQ_MASKED = "mm/corr/seq_masked_fraction"
+MM_ABS_PROB_DIFF = "mm/abs_prob_diff"  # mean |p_train - p_rollout| of the sampled tokens (verl's probs_diff)
+MM_AGGREGATES: tuple[str, ...] = (MM_K3_KL, MM_KL, MM_ABS_LOG_RATIO)  # means over MM_TOKENS
+
+
+def mm_key(position: str | Position, role: str, stat: str | MismatchStat) -> str:
+    return f"mm/{_value(position)}/{role}/{_value(stat)}"
+
+
+def mm_q_count_key(position: str | Position) -> str:
+    return f"mm/{_value(position)}/{MM_Q_COUNT}"
+
+
+@dataclass(frozen=True)
+class MismatchKey:
+    """A parsed per-position mismatch key: `role` is None for `mm/{position}/q_count`."""
+    position: str
+    role: str | None
+    stat: str
+
+
+def parse_mm_key(key: str) -> MismatchKey | None:
+    """The parts of `mm/{position}/{role}/{stat}` or `mm/{position}/q_count`; None for the aggregates and others."""
+    parts = key.split("/")
+    if parts[0] != "mm" or len(parts) not in (3, 4) or parts[1] not in POSITIONS:
+        return None
+    if len(parts) == 3:
+        return MismatchKey(parts[1], None, parts[2]) if parts[2] == MM_Q_COUNT else None
+    if not parts[2] or parts[3] not in {s.value for s in MismatchStat}:
+        return None
+    return MismatchKey(parts[1], parts[2], parts[3])
+
+
+def mm_weight_key(key: str) -> tuple[bool, str | None]:
+    """(summed, the count key its mean is over) of a mismatch key; (False, None) for a key that is not one."""
+    if key == MM_TOKENS:
+        return True, MM_TOKENS
+    if key in MM_AGGREGATES:
+        return False, MM_TOKENS
+    mk = parse_mm_key(key)
+    if mk is None:
+        return False, None
+    if mk.role is None:
+        return True, key
+    if mk.stat == MismatchStat.COUNT.value:
+        return True, key
+    if mk.stat in Q_STATS:
+        return False, mm_q_count_key(mk.position)
+    return False, mm_key(mk.position, mk.role, MismatchStat.COUNT)
+
+
+# Other trainers' names for the whole-batch mismatch, read when ours are absent (METRIC_ALIASES, below). verl:
+# rollout_corr/* (rollout_corr_helper.py) and training/rollout_probs_diff_*; TRL GRPOTrainer: sampling/* (vLLM
+# generation only; its logp difference is |old - sampling| log-probs); OpenRLHF vllm_kl, prime-rl mismatch_kl and
+# slime train_rollout_kl are their KL(rollout || train) estimates, read as ours (k3); slime's
+# train_rollout_logprob_abs_diff is our mean |log-ratio|. Trackers may prefix a name with "train/".
+MISMATCH_ALIASES: dict[str, tuple[str, ...]] = {
+    MM_K3_KL: ("rollout_corr/k3_kl", "vllm_kl", "train/vllm_kl", "mismatch_kl", "train/mismatch_kl",
+               "train_rollout_kl", "train/train_rollout_kl"),
+    MM_KL: ("rollout_corr/kl",),
+    MM_ABS_LOG_RATIO: ("sampling/sampling_logp_difference/mean", "train_rollout_logprob_abs_diff",
+                       "train/train_rollout_logprob_abs_diff"),
+    MM_ABS_PROB_DIFF: ("training/rollout_probs_diff_mean",),
+    MM_IS_MEAN: ("rollout_corr/rollout_is_mean", "sampling/importance_sampling_ratio/mean"),
+    MM_IS_MIN: ("rollout_corr/rollout_is_min", "sampling/importance_sampling_ratio/min"),
+    MM_IS_MAX: ("rollout_corr/rollout_is_max", "sampling/importance_sampling_ratio/max"),
+    MM_SEQ_MASKED: ("rollout_corr/rollout_rs_seq_masked_fraction",),
+}
+METRIC_ALIASES.update(MISMATCH_ALIASES)
+# the whole-batch mismatch series a run may hold, in the order a reader picks one (ours first, then the closest)
+MISMATCH_SERIES: tuple[str, ...] = (MM_K3_KL, MM_ABS_LOG_RATIO, MM_KL, MM_ABS_PROB_DIFF)
+
+
+def mismatch_series_key(keys: Iterable[str]) -> str | None:
+    """The key of the whole-batch mismatch series among `keys` (ours or another trainer's name), or None."""
+    have = set(keys)
+    return next((k for name in MISMATCH_SERIES for k in metric_keys(name) if k in have), None)

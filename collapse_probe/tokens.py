@@ -48,13 +48,16 @@ class RoleIds(dict):
     """role -> the id capture gathers (a multi-token role's first piece), as a plain dict; `sequences` holds the
     full ids of the roles that are several tokens. It travels with the ids through every capture entry point
     (`decision_masks` reads it), so a trainer passing `roles.distinct_ids()` along needs no change; a plain
-    `Mapping[str, int]` means every role is one token."""
+    `Mapping[str, int]` means every role is one token. `braces`: token id -> (opening, closing) curly braces in
+    its text, for the ids that have any (where a call's JSON body closes: capture/stats.py `body_closed`)."""
 
     def __init__(self, ids: Mapping[str, int] | None = None,
-                 sequences: Mapping[str, Sequence[int]] | None = None) -> None:
+                 sequences: Mapping[str, Sequence[int]] | None = None,
+                 braces: Mapping[int, tuple[int, int]] | None = None) -> None:
         super().__init__(ids or {})
         self.sequences: dict[str, tuple[int, ...]] = {
             r: tuple(int(i) for i in s) for r, s in (sequences or {}).items() if r in self and len(s) > 1}
+        self.braces: dict[int, tuple[int, int]] = dict(braces or {})
 
 
 def role_sequence(role_ids: Mapping[str, int], role: str) -> tuple[int, ...]:
@@ -75,6 +78,9 @@ class ControlTokens:
     unresolved: dict[str, str] = field(default_factory=dict)
     source: dict[str, str] = field(default_factory=dict)  # "auto" | "override" | "chat_template" | "text"
     sequences: dict[str, tuple[int, ...]] = field(default_factory=dict)  # only roles of 2+ tokens
+    # id -> ({ count, } count) for ids with any: a cache of the tokenizer's vocabulary (resolve_control_tokens fills
+    # it), so not part of what the roles are (equality, to_dict)
+    braces: dict[int, tuple[int, int]] = field(default_factory=dict, compare=False, repr=False)
 
     def __contains__(self, role: object) -> bool:
         return role in self.ids
@@ -88,7 +94,7 @@ class ControlTokens:
 
     def all_ids(self) -> RoleIds:
         """Every resolved role (roles may share an id), with the sequences of multi-token roles."""
-        return RoleIds(self.ids, self.sequences)
+        return RoleIds(self.ids, self.sequences, self.braces)
 
     def distinct_ids(self) -> RoleIds:
         """role -> id with each id once (first role in canonical order wins: `eos` is dropped where it is the
@@ -98,7 +104,7 @@ class ControlTokens:
         for role in self._order():
             if self.ids[role] not in out.values():
                 out[role] = self.ids[role]
-        return RoleIds(out, self.sequences)
+        return RoleIds(out, self.sequences, self.braces)
 
     def role_of(self, token_id: int) -> str | None:
         """First role (canonical order, then custom roles) whose id is token_id; roles may share an id."""
@@ -339,4 +345,15 @@ def resolve_control_tokens(tokenizer: PreTrainedTokenizerBase, overrides: dict[s
         else:
             ct.unresolved["newline"] = f"{_describe(tokenizer, chr(10))}: no single newline token"
     _json_roles(tokenizer, ct)
+    ct.braces = brace_counts(tokenizer)
     return ct
+
+
+def brace_counts(tokenizer: Any) -> dict[int, tuple[int, int]]:
+    """Token id -> (opening, closing) curly braces in its text, for every vocabulary piece that has any (BPE
+    merges such as '"}}\n' close two): how capture follows a JSON body's depth without decoding."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception:  # a tokenizer without a vocabulary listing: body_closed falls back to json_close
+        return {}
+    return {int(i): (t.count("{"), t.count("}")) for t, i in vocab.items() if "{" in t or "}" in t}

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from collapse_probe.capture.hooks import ControlTokenCapture
 from collapse_probe.capture.probe_set import ProbeSet
-from collapse_probe.runlog import RunLog
+from collapse_probe.runs.runlog import RunLog
 from collapse_probe.schema import LOSS, REWARD_MEAN, REWARD_STD, STEP
 from collapse_probe.train import tiny
 from collapse_probe import world

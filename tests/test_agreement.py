@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from collapse_probe.cli import app
-from collapse_probe.runlog import RunLog
-from test_watch import synthetic_records
+from collapse_probe.cli.app import app
+from collapse_probe.runs.runlog import RunLog
+from helpers.runs import synthetic_records
 
 runner = CliRunner()
 AGREE = ("collapsed", "collapse_step", "first_alert_step", "confirmed_at", "spike_step", "breakage_step")
@@ -112,5 +112,5 @@ def test_verl_file_logger_names_are_read(tmp_path):
     w = json.loads(runner.invoke(app, ["watch", str(f), "--once", "--json"]).stdout.strip().splitlines()[-1])
     assert a["collapse_step"] == 20 == w["collapse_step"]
     assert a["baselines"]["entropy_drop"]["logged"] and a["baselines"]["grad_norm_spike"]["logged"]
-    # no format or control-token signal in a bare verl log: a reward drop, not (yet) a confirmed collapse
-    assert a["collapsed"] is False and a["collapse_reason"] is None
+    # no format or control-token signal in a bare verl log: an unconfirmed collapse (issue 22), never "false"
+    assert a["collapsed"] is None is w["collapsed"] and a["status"] == "unconfirmed" and a["collapse_reason"] is None

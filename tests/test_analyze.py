@@ -12,8 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from collapse_probe.cli import app, main
-from test_watch import snapshot, write_run
+from collapse_probe.cli.app import app, main
+from helpers.runs import snapshot, write_run
 
 runner = CliRunner()
 KEYS = {"collapsed", "spike_step", "breakage_step", "collapse_step", "lead_steps", "events"}
@@ -121,7 +121,7 @@ def test_bad_inputs_exit_1_with_one_line(ckpt_dir, tmp_path, monkeypatch, capsys
         if name == "truncated checkpoint":
             assert "checkpoint-5" in lines[0]
     # the real entry point in a fresh interpreter
-    proc = subprocess.run([sys.executable, "-c", "from collapse_probe.cli import main; main()",
+    proc = subprocess.run([sys.executable, "-c", "from collapse_probe.cli.app import main; main()",
                            *cases["not JSONL"]], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert "not JSONL" in proc.stderr

@@ -14,16 +14,15 @@ import shutil
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from collapse_probe.errors import EXIT_COLLAPSED, EXIT_FAILURE, EXIT_USAGE
-from collapse_probe.runlog import RunLog
-from test_watch import synthetic_records
+from collapse_probe.runs.runlog import RunLog
+from helpers.cli import run_cli
+from helpers.runs import synthetic_records
 
-CLI = [sys.executable, "-c", "from collapse_probe.cli import main; main()"]
 BAR = re.compile(r"━|%\||it/s\]|s/it\]|\d+/\d+\s+(-:--:--|\d+:\d\d:\d\d)")  # rich / tqdm progress-bar lines
 
 
@@ -116,14 +115,6 @@ def _snapshot(root: Path) -> dict[str, str]:
             p = Path(dirpath) / name
             out[str(p.relative_to(root))] = hashlib.blake2b(p.read_bytes(), digest_size=16).hexdigest()
     return out
-
-
-def run_cli(args: list[str], cwd: Path, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
-    env = {**os.environ, "COLLAPSE_PROBE_CACHE": str(cwd / ".cache"), "COLUMNS": "120"}
-    env.pop("COLLAPSE_PROBE_DEBUG", None)
-    t0 = time.monotonic()
-    proc = subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-    return proc, time.monotonic() - t0
 
 
 U, B = EXIT_USAGE, EXIT_FAILURE
@@ -237,7 +228,7 @@ CASES = [  # (id, args ("{b}" is the fixture dir), exit code)
 
 
 def test_the_corpus_is_large_and_covers_every_command():
-    from collapse_probe.cli import app
+    from collapse_probe.cli.app import app
 
     commands = {c.name or c.callback.__name__ for c in app.registered_commands}
     covered = {args[0] for _, args, _ in CASES}
@@ -274,7 +265,7 @@ def test_watch_exits_with_the_collapse_code(base):
 
 def test_a_second_writer_is_refused_with_one_line(base, tmp_path):
     run = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom collapse_probe.runlog import RunLog\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom collapse_probe.runs.runlog import RunLog\n"
                                f"log = RunLog({str(run)!r}); log.append({{'step': 0}}); print('ok', flush=True)\n"
                                "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
@@ -299,7 +290,7 @@ def test_a_second_writer_is_refused_with_one_line(base, tmp_path):
 def test_every_command_has_json_and_states_the_exit_codes():
     from typer.main import get_command
 
-    from collapse_probe.cli import app
+    from collapse_probe.cli.app import app
 
     group = get_command(app)
     for name, cmd in group.commands.items():

@@ -15,7 +15,7 @@ from transformers import TrainerControl, TrainerState
 from collapse_probe import CollapseProbeCallback
 from collapse_probe.formats.classify import state_mix
 from collapse_probe.errors import UserError
-from collapse_probe.runlog import read_records
+from collapse_probe.runs.joined import read_records
 from collapse_probe.schema import Position, Source, cp_count_key, cp_key
 from collapse_probe.train import tiny
 from collapse_probe import world
@@ -114,7 +114,7 @@ class _Broken(torch.nn.Module):
 
 def test_probe_errors_never_stop_training(tmp_path, tok, caplog):
     broken = _Broken().train()
-    with caplog.at_level(logging.WARNING, logger="collapse_probe.capture.callback"):
+    with caplog.at_level(logging.WARNING, logger="collapse_probe.integrations.callback"):
         metrics = _drive(CollapseProbeCallback(every=1), tmp_path, broken, tok, steps=3)
     assert broken.training
     warnings = [r for r in caplog.records if "probe failed" in r.message]
@@ -126,7 +126,7 @@ def test_probe_errors_never_stop_training(tmp_path, tok, caplog):
 def test_tokenizer_without_world_tokens_falls_back_to_probe_messages(tmp_path, model, tok, caplog):
     plain = SimpleNamespace(encode=lambda s, add_special_tokens=False: [1, 2, 3], get_added_vocab=lambda: {},
                             eos_token=None, chat_template=None, decode=lambda ids: "x")
-    with caplog.at_level(logging.WARNING, logger="collapse_probe.capture.callback"):
+    with caplog.at_level(logging.WARNING, logger="collapse_probe.integrations.callback"):
         metrics = _drive(CollapseProbeCallback(tokenizer=plain), tmp_path / "a", model, tok, steps=2)
     assert any("setup failed" in r.message and "probe_messages" in r.getMessage() for r in caplog.records)
     assert [r["step"] for r in read_records(metrics)] == [1, 2]  # trainer metrics are still recorded

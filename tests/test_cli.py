@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures" / "formats"
-CLI = [sys.executable, "-c", "from collapse_probe.cli import main; main()"]
+CLI = [sys.executable, "-c", "from collapse_probe.cli.app import main; main()"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -74,7 +74,7 @@ def test_tokens_reports_roles_for_a_saved_tokenizer(tmp_path):
 
 
 def test_export_parquet_and_bad_suffix(tmp_path):
-    from collapse_probe.runlog import RunLog
+    from collapse_probe.runs.runlog import RunLog
 
     with RunLog(tmp_path / "run") as log:
         for step in range(3):

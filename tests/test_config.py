@@ -114,7 +114,7 @@ def test_a_failed_train_leaves_the_run_directory_alone(tmp_path):
 
     fresh, no_model = tmp_path / "fresh", tmp_path / "empty"
     no_model.mkdir()
-    with pytest.raises(UserError, match="no config.json here"):
+    with pytest.raises(UserError, match=r"no model here \(no config\.json\)"):
         train(get_preset("grpo-collapse", init=str(no_model)), fresh)
     assert not fresh.exists()  # the model failed to load: nothing written
 

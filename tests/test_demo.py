@@ -13,7 +13,7 @@ import pytest
 @pytest.mark.slow
 def test_demo_fast_writes_report_figures_and_summary(tmp_path):
     env = {**os.environ, "COLLAPSE_PROBE_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-c", "from collapse_probe.cli import main; main()", "demo", "--fast",
+    proc = subprocess.run([sys.executable, "-c", "from collapse_probe.cli.app import main; main()", "demo", "--fast",
                            "--json", "--out", str(tmp_path / "report"), "--work", str(tmp_path / "runs")],
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

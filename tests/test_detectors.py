@@ -18,7 +18,7 @@ from collapse_probe.detect.peak import PeakFractionDetector, RewardVarianceColla
 from collapse_probe.detect.rule import DEFAULT_RULE, CollapseRule
 from collapse_probe.detect.shift import FirstValueShiftDetector
 from collapse_probe.detect.spike import EntropyDropDetector, OnlineSpikeDetector
-from collapse_probe.timeline import Timeline
+from collapse_probe.runs.timeline import Timeline
 
 
 def _sig(x):
@@ -128,7 +128,7 @@ def test_timeline_control_series_and_states(collapsing):
 
 
 def test_timeline_from_run_with_real_runlog(tmp_path, collapsing):
-    from collapse_probe import runlog
+    from collapse_probe.runs import runlog
 
     recs = [dict(r) for r in collapsing[0][0]]
     recs[5]["cp/rollout/after_open/end_of_turn"] = float("nan")
@@ -284,7 +284,8 @@ def test_verdict_to_dict_shape(collapsing):
     assert d["collapsed"] is True
     assert all(isinstance(d[k], int) for k in head if k not in ("collapsed", "collapse_reason"))
     assert {"reward_drop", "control_spike", "format_breakage"} <= {e["kind"] for e in d["events"]}
-    assert set(d["baselines"]) == {"entropy_drop", "reward_var_collapse", "grad_norm_spike", "validity_drop"}
+    assert set(d["baselines"]) == {"entropy_drop", "reward_var_collapse", "grad_norm_spike", "validity_drop",
+                                   "mismatch_rise"}
     for b in d["baselines"].values():
         assert set(b) == {"step", "detected_at", "lead_steps", "logged"}
     # the peers' signals arrive later than ours on this kind of collapse
@@ -336,7 +337,7 @@ def test_monitor_status(collapsing):
     assert set(first["probs"]) == {"end_of_turn", "tool_open", "json_open", "tool_close", "eos"}
     assert set(first["state_mix"]) == {"healthy_tool_call", "healthy_response", "text_pollution", "full_collapse"}
     alerted = [st for st in statuses if st["alerts"]]
-    assert alerted and alerted[0]["alerts"][0]["kind"] == "control_spike"
+    assert alerted and alerted[0]["alerts"][0]["kind"] in ("control_spike", "control_drift")
     assert statuses[-1]["collapsed"] is True
     mon2 = CollapseMonitor()
     for r in recs[:60]:

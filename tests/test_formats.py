@@ -12,8 +12,10 @@ import pytest
 import collapse_probe.formats.reasons as reasons_doc
 from collapse_probe.formats.classify import FormatSpec, StateMix, TurnVerdict, classify_turn, state_mix
 from collapse_probe.formats.reasons import EMPTY_AT, REASONS
+from collapse_probe.formats.registry import format_spec
 from collapse_probe.schema import STATES, FormatState, Position
-from collapse_probe.detect.rollout_files import load_turns, render_summary, split_trajectory, summarise_turns
+from collapse_probe.runs.rollout_files import load_turns, split_trajectory
+from collapse_probe.runs.turn_summary import render_summary, summarise_turns
 from collapse_probe.errors import UserError
 
 FIX = Path(__file__).parent / "fixtures" / "formats"
@@ -42,7 +44,7 @@ def test_hermes_samples(row):
 
 @pytest.mark.parametrize("row", NEW + SYNTAX_ROWS, ids=lambda r: f"{r.get('format', 'hermes')}:{r['note']}")
 def test_new_failure_and_syntax_samples(row):
-    v = classify_turn(row["text"], FormatSpec.preset(row.get("format", "hermes")), user_message=row.get("prompt"))
+    v = classify_turn(row["text"], format_spec(row.get("format", "hermes")), user_message=row.get("prompt"))
     assert (v.state.value, v.reason) == (row["expected_state"], row["expected_reason"]), v.detail
     assert classify_turn(row["text"]).reason != "echoed_user_message"  # only with the user's message at hand
 
@@ -97,11 +99,11 @@ def test_custom_tags_and_preset_by_name():
     assert classify_turn('<call>{"name": "f", "arguments": {}}</call>', spec).reason == "ok_call"
     assert classify_turn("<call>", spec).reason == "bare_open_tag"
     assert classify_turn('<tool_call>{"name": "f", "arguments": {}}</tool_call>', spec).reason == "other_syntax_call"
-    assert FormatSpec.preset("qwen").tool_open == "<tool_call>"
-    assert FormatSpec.preset("canonical").name == "hermes"
-    assert FormatSpec.preset("mistral", ["f"]).known_tools == frozenset({"f"})
+    assert format_spec("qwen").tool_open == "<tool_call>"
+    assert format_spec("canonical").name == "hermes"
+    assert format_spec("mistral", ["f"]).known_tools == frozenset({"f"})
     with pytest.raises(UserError) as exc:
-        FormatSpec.preset("nope")
+        format_spec("nope")
     assert "nope" in str(exc.value) and "python_list" in str(exc.value) and "llama3" in str(exc.value)
 
 
@@ -380,7 +382,7 @@ def test_cli_formats_shows_the_new_codes():
     import sys
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", "from collapse_probe.cli import main; main()", "formats", *args],
+        return subprocess.run([sys.executable, "-c", "from collapse_probe.cli.app import main; main()", "formats", *args],
                               capture_output=True, text=True, env={"COLUMNS": "220", "PATH": "/usr/bin:/bin"},
                               timeout=120)
 

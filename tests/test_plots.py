@@ -5,8 +5,8 @@ import pytest
 
 from collapse_probe.detect.monitor import replay
 from collapse_probe.errors import UserError
-from collapse_probe.plots import plot_timeline
-from collapse_probe.timeline import Timeline
+from collapse_probe.plots.timeline import plot_timeline
+from collapse_probe.runs.timeline import Timeline
 
 
 def _run(collapse: bool, seed: int = 0, n: int = 100) -> list[dict]:

@@ -4,10 +4,10 @@ import json
 from typer.testing import CliRunner
 
 from collapse_probe import schema
-from collapse_probe.cli import app
-from collapse_probe.pressure_plot import pressure_series
-from collapse_probe.timeline import Timeline
-from test_bad_inputs import run_cli
+from collapse_probe.cli.app import app
+from collapse_probe.plots.pressure import pressure_series
+from collapse_probe.runs.timeline import Timeline
+from helpers.cli import run_cli
 
 runner = CliRunner()
 AO = schema.Position.AFTER_OPEN

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from collapse_probe.errors import UserError
-from collapse_probe.recover import (FORMAT_NAMES, ForbidTokens, ObserveAfterOpen, evaluate_format,
-                                    findings, format_spread, get_format, masked_eval, parse_format_list,
-                                    recovery_markdown, render_recovery_table, run_recovery, score_episode,
-                                    spiking_roles, checkpoint_collapsed)
+from collapse_probe.recover.evaluate import evaluate_format, format_spread, score_episode
+from collapse_probe.recover.grid import FORMAT_NAMES, get_format, parse_format_list
+from collapse_probe.recover.masked import ForbidTokens, ObserveAfterOpen, masked_eval, spiking_roles
+from collapse_probe.recover.run import (checkpoint_collapsed, findings, recovery_markdown, render_recovery_table,
+                                        run_recovery)
 from collapse_probe.recover import repair as repair_mod
 from collapse_probe.formats.calls import parse_python_calls
 from collapse_probe.recover.grid import PARAPHRASES, RenamedTask
@@ -333,7 +334,7 @@ def _bad_tokenizer_ckpt(path: Path, model) -> Path:
 # (one interpreter start instead of one per case keeps the test fast on a busy 2-core machine).
 _DRIVER = """
 import io, json, sys
-from collapse_probe.cli import main
+from collapse_probe.cli.app import main
 results = {}
 for name, argv in json.loads(sys.argv[1]).items():
     out, err = io.StringIO(), io.StringIO()
@@ -372,7 +373,7 @@ def test_cli_recover_bad_inputs_one_line_exit_1(tiny_ckpt, tmp_path):
     }
     env = {**os.environ, "COLUMNS": "200"}
     env.pop("COLLAPSE_PROBE_DEBUG", None)
-    code = "from collapse_probe.cli import main; main()"
+    code = "from collapse_probe.cli.app import main; main()"
     driver = subprocess.Popen([sys.executable, "-c", _DRIVER, json.dumps(cases)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env)
     # the real entry point, end to end: one bad input, one good run

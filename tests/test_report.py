@@ -6,9 +6,9 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from collapse_probe.cli import app
-from collapse_probe.report import run_name, write_report
-from test_watch import snapshot, write_run
+from collapse_probe.cli.app import app
+from collapse_probe.commands.report import run_name, write_report
+from helpers.runs import snapshot, write_run
 
 runner = CliRunner()
 
@@ -25,7 +25,8 @@ def test_plot_default_and_explicit_out(tmp_path, monkeypatch):
     assert b"<svg" in paths[1].read_bytes()[:2000]
     res = runner.invoke(app, ["plot", str(run / "metrics.jsonl"), "--out", str(tmp_path / "figs" / "x.png")])
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["x.pdf", "x.png", "x.svg"]
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == [".collapse-probe.json", "x.pdf", "x.png",
+                                                                     "x.svg"]  # + what made them (issue 22)
     assert snapshot(run) == before
 
 

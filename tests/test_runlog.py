@@ -15,9 +15,11 @@ import pytest
 import torch
 
 from collapse_probe.errors import UserError
-from collapse_probe.rundir import RunDir
-from collapse_probe.runlog import RolloutLog, RunLog, StepHistory, read_records, read_rollouts, rollout_steps, tail_records
-from collapse_probe.timeline import Timeline
+from collapse_probe.runs.rundir import RunDir
+from collapse_probe.runs.history import StepHistory
+from collapse_probe.runs.joined import read_records
+from collapse_probe.runs.runlog import RolloutLog, RunLog, read_rollouts, rollout_steps, tail_records
+from collapse_probe.runs.timeline import Timeline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -317,8 +319,8 @@ def test_read_records_of_a_restarted_run_keeps_only_the_new_tail(tmp_path):
 def test_the_streaming_index_reads_what_step_history_keeps(tmp_path):
     """StepIndex (offsets only) and StepHistory (records) follow one rule: same records for repeats, merges,
     restarts and older lines read again."""
-    from collapse_probe.history import StepHistory as History
-    from collapse_probe.runlog import iter_records
+    from collapse_probe.runs.history import StepHistory as History
+    from collapse_probe.runs.joined import open_run
 
     lines = [{"step": 0, "time": 1.0, "a": 1}, {"step": 1, "time": 2.0, "a": 2}, {"step": 1, "time": 2.0, "a": 2},
              {"step": 1, "time": 3.0, "eval": 0.5}, {"step": 2, "time": 4.0, "a": 3}, {"step": 1, "time": 5.0, "a": 9},
@@ -328,12 +330,12 @@ def test_the_streaming_index_reads_what_step_history_keeps(tmp_path):
     hist = History()
     for r in lines:
         hist.add(dict(r))
-    assert list(iter_records(f)) == hist.sorted_records() == [
+    assert list(open_run(f).records()) == hist.sorted_records() == [
         {"step": 0, "time": 1.0, "a": 1}, {"step": 1, "time": 5.0, "a": 9}, {"step": 2, "time": 6.0, "a": 4}]
 
 
 def test_bounded_line_parser(tmp_path):
-    from collapse_probe.lines import parse_line
+    from collapse_probe.runs.lines import parse_line
 
     assert parse_line(b'{"step": 0, "a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")[0] is None
     assert parse_line(b'{"step": 0, "a": ' + b"[" * 40 + b"]" * 40 + b"}")[1] == "is nested too deeply"

@@ -26,8 +26,8 @@ SRC = Source.ROLLOUT.value
 
 @pytest.fixture(scope="module")
 def smol():
-    from collapse_probe.models import fetch
-    from collapse_probe.train.tiny import load_pretrained
+    from collapse_probe.models.fetch import fetch
+    from collapse_probe.models.load import load_pretrained
 
     path = fetch("smollm2-135m")  # cached after the first run
     model, tok = load_pretrained(path)
@@ -50,7 +50,7 @@ def batch(smol):
 
 
 def test_fetch_gives_a_loadable_safetensors_dir_offline(smol, monkeypatch):
-    from collapse_probe import models
+    from collapse_probe.models import fetch as models
 
     path, model, tok = smol
     assert models.is_ready(path) and (path / "model.safetensors").is_file()

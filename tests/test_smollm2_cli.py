@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-CLI = [sys.executable, "-c", "from collapse_probe.cli import main; main()"]
+CLI = [sys.executable, "-c", "from collapse_probe.cli.app import main; main()"]
 
 
 def run(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -30,7 +30,7 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
 
 @pytest.fixture(scope="module")
 def smol() -> Path:
-    from collapse_probe.models import fetch
+    from collapse_probe.models.fetch import fetch
 
     return fetch("smollm2-135m")
 

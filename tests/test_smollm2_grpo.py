@@ -60,8 +60,8 @@ def test_micro_batched_loss_equals_one_batch_on_the_tiny_model(kw):
 
 
 def test_smollm2_grpo_loss_in_micro_batches():
-    from collapse_probe.models import fetch
-    from collapse_probe.train.tiny import load_pretrained
+    from collapse_probe.models.fetch import fetch
+    from collapse_probe.models.load import load_pretrained
 
     model, tok = load_pretrained(fetch("smollm2-135m"))
     roles = resolve_control_tokens(tok).distinct_ids()

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-CLI = [sys.executable, "-c", "from collapse_probe.cli import main; main()"]
+CLI = [sys.executable, "-c", "from collapse_probe.cli.app import main; main()"]
 
 
 def _study(tmp_path, *args):

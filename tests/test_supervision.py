@@ -12,7 +12,7 @@ import torch
 
 from collapse_probe import world
 from collapse_probe.errors import UserError
-from collapse_probe.runlog import read_records
+from collapse_probe.runs.joined import read_records
 from collapse_probe.train import error_sft, grpo, hints, judge, offpolicy, tiny
 from collapse_probe.train.config import TrainConfig, apply_overrides
 from collapse_probe.train.rollout import Trajectory, rollout
@@ -174,7 +174,7 @@ def test_bad_settings_are_one_line(items, message):
 ])
 def test_bad_signal_settings_on_the_command_line_are_one_line_exit_1(tmp_path, sets, message):
     args = [a for s in sets for a in ("--set", s.format(tmp=tmp_path))]
-    proc = subprocess.run([sys.executable, "-c", "from collapse_probe.cli import main; main()", "train",
+    proc = subprocess.run([sys.executable, "-c", "from collapse_probe.cli.app import main; main()", "train",
                            "--preset", "grpo-collapse", "--out", str(tmp_path / "run"), *args],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr

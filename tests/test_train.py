@@ -9,7 +9,9 @@ import sys
 import pytest
 import torch
 
-from collapse_probe.runlog import read_records, read_rollouts
+from collapse_probe.runs.joined import read_records
+
+from collapse_probe.runs.runlog import read_rollouts
 from collapse_probe.train import rollout, sft, tiny
 from collapse_probe import world
 from collapse_probe.train.config import TrainConfig
@@ -163,7 +165,7 @@ def test_sft_then_grpo_then_interleaved_write_run_dirs(tmp_path):
 @pytest.mark.slow
 def test_cli_train_accepts_any_local_hf_model(tmp_path, saved_model):
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-c", "from collapse_probe.cli import main; main()", "train",
+    proc = subprocess.run([sys.executable, "-c", "from collapse_probe.cli.app import main; main()", "train",
                            "--preset", "grpo-collapse", "--model", str(saved_model), "--steps", "1",
                            "--set", "group_size=2", "--set", "prompts_per_step=2", "--set", "max_turns=2",
                            "--set", "max_new_tokens=8", "--set", "probe_every=1", "--out", str(out)],
@@ -174,7 +176,7 @@ def test_cli_train_accepts_any_local_hf_model(tmp_path, saved_model):
 
 
 def test_cli_train_unknown_preset_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", "from collapse_probe.cli import main; main()", "train",
+    proc = subprocess.run([sys.executable, "-c", "from collapse_probe.cli.app import main; main()", "train",
                            "--preset", "nope", "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert proc.returncode == 1
     assert "unknown preset 'nope'" in proc.stderr and "Traceback" not in proc.stderr

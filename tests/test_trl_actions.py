@@ -8,7 +8,7 @@ from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
 from collapse_probe import CollapseProbeCallback
-from collapse_probe.runlog import read_records
+from collapse_probe.runs.joined import read_records
 from collapse_probe.schema import CHECKPOINT_SAVED, COLLAPSED, STOPPED, SUCCESS, cp_key
 from collapse_probe.train import tiny
 from collapse_probe import world

@@ -11,19 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from collapse_probe.runlog import read_records
+from collapse_probe.runs.joined import read_records
 from collapse_probe.schema import cp_count_key
-from test_trl_capture import base_model
+from helpers.trl_setup import base_model
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = '''
 import sys, torch
 sys.path.insert(0, {repo!r})
-sys.path.insert(0, {repo!r} + "/tests")  # the test helpers, imported as top-level modules like pytest does
+sys.path.insert(0, {repo!r} + "/tests")  # the `helpers` package, importable as under pytest
 import collapse_probe.integrations.trl as cap_trl
 from collapse_probe import CollapseProbeCallback
 from collapse_probe.train import tiny
-from test_trl_capture import RecordingGRPO, grpo_args, prompts, reward
+from helpers.trl_setup import RecordingGRPO, grpo_args, prompts, reward
 
 torch.set_num_threads(1)
 out, base = sys.argv[1], sys.argv[2]

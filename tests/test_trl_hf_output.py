@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from collapse_probe.detect.monitor import replay
-from collapse_probe.integrations.hf_output import read_hf_output
+from collapse_probe.runs.hf_output import read_hf_output
 from collapse_probe import world
 
 
@@ -45,7 +45,7 @@ def test_trl_output_dir_gives_records_and_a_verdict(tmp_path):
 def test_cli_analyze_on_a_trl_output_dir_without_our_callback(tmp_path):
     from typer.testing import CliRunner
 
-    from collapse_probe.cli import app
+    from collapse_probe.cli.app import app
 
     run = trl_output_dir(tmp_path / "trl-out")
     res = CliRunner().invoke(app, ["analyze", str(run), "--json"])
@@ -78,7 +78,7 @@ def test_cli_analyze_on_a_real_trl_run_without_our_callback(tmp_path, monkeypatc
     from trl import GRPOConfig, GRPOTrainer
     from typer.testing import CliRunner
 
-    from collapse_probe.cli import app
+    from collapse_probe.cli.app import app
 
     monkeypatch.delenv("RANK", raising=False)
     n = torch.get_num_threads()

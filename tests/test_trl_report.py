@@ -5,7 +5,7 @@ from trl import GRPOConfig
 
 from collapse_probe import CollapseProbeCallback
 from collapse_probe.train import tiny
-from test_trl_capture import RecordingGRPO, base_model, grpo_args, prompts, reward
+from helpers.trl_setup import RecordingGRPO, base_model, grpo_args, prompts, reward
 
 pytest.importorskip("tensorboard")
 
@@ -33,7 +33,7 @@ def test_cp_scalars_in_tensorboard_event_files(tmp_path):
     assert any(t.endswith("cp/probe/after_open/end_of_turn") for t in ours)
     assert any(t.endswith("reward") for t in scalars) and len(ours) > 20
     # the same dir read back without our files: TensorBoard scalars fill what trainer_state.json lacks
-    from collapse_probe.integrations.hf_output import read_hf_output
+    from collapse_probe.runs.hf_output import read_hf_output
 
     import shutil
     shutil.rmtree(tmp_path / "out" / "collapse_probe")

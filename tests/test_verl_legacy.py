@@ -15,9 +15,9 @@ import subprocess
 import sys
 
 import pytest
-from test_verl_capture import REPO, free_port
 
 from collapse_probe.train import tiny
+from helpers.verl_setup import REPO, free_port
 
 LEGACY = r"""
 import json, os, sys, torch
@@ -25,12 +25,13 @@ import torch.distributed as dist
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
 dist.init_process_group("gloo", rank=0, world_size=1)
 import collapse_probe.integrations.verl as cpv
-import test_verl_capture as T
+import helpers.verl_setup as T
 import verl
 from verl import DataProto
 from verl.utils import attention_utils
 from verl.workers.actor import dp_actor
 from verl.workers.config import FSDPActorConfig
+from collapse_probe.models import load as model_load
 from collapse_probe.train import tiny
 
 def unpad_input(hidden, mask, unused=None):  # flash_attn.bert_padding's, in torch (CPU has no flash_attn)
@@ -54,7 +55,7 @@ for i, (p, r, m) in enumerate(rows):
     am[i, P - len(p):P + len(r)] = 1; rm[i, :len(r)] = torch.tensor(m)
 out = {{"version": verl.__version__}}
 for rmpad in (True, False):
-    model = tiny.load_pretrained(path)[0]
+    model = model_load.load_pretrained(path)[0]
     want = T.reference(model.eval(), tok, rows); model.train()
     cfg = FSDPActorConfig(strategy="fsdp", rollout_n=1, ppo_mini_batch_size=B, ppo_micro_batch_size_per_gpu=2,
                           use_remove_padding=rmpad, use_torch_compile=False)

@@ -18,9 +18,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from collapse_probe import lines
-from collapse_probe.cli import app, main
-from collapse_probe.watch import watch
+from collapse_probe.runs import lines
+from collapse_probe.cli.app import app, main
+from collapse_probe.commands.watch import watch
 
 runner = CliRunner()
 CALL = '<tool_call>\n{"name": "lookup", "arguments": {"id": "u1"}}\n</tool_call>'
@@ -185,7 +185,8 @@ def test_a_parent_directory_joins_log_and_dumps(tmp_path):
     root = tmp_path / "run"
     write_log(root / "myproj" / "exp.jsonl", log_lines(cp=False, first=0))
     alone = analyze_json(root / "myproj")
-    assert alone["collapsed"] is False and alone["collapse_step"] == 25
+    # no turn read: an unconfirmed collapse (issue 22), not "collapsed": false
+    assert alone["collapsed"] is None and alone["status"] == "unconfirmed" and alone["collapse_step"] == 25
     write_dumps(root / "rollout_data")
     write_dumps(root / "validation_data", rows=2, broke=100)
     v = analyze_json(root)
@@ -349,3 +350,30 @@ def test_watch_survives_the_loggers_truncate_on_restart(tmp_path):
     i = next(i for i, s in enumerate(out) if s["restarted"])
     assert out[i]["step"] == 11 and steps[:i] == list(range(19))  # steps 0..18, then 11 again: the restart
     assert out[-1]["collapsed"] is True and out[-1]["collapse_step"] == 25 and out[-1]["restarts"] == 1
+
+
+def test_export_and_plot_see_what_analyze_sees(tmp_path):
+    """One joining reader for every command: `export` and `plot` on a verl log directory with rollout dumps show the
+    steps and the format-state mix `analyze` judged (they used to read the metrics file alone)."""
+    import pandas as pd
+
+    from collapse_probe.runs.timeline import Timeline
+    from collapse_probe.schema import STATES, state_key
+
+    root = tmp_path / "run"
+    write_log(root / "myproj" / "exp.jsonl", log_lines(cp=False, first=0))
+    write_dumps(root / "rollout_data")
+    v = analyze_json(root)
+    exp = runner.invoke(app, ["export", str(root), str(tmp_path / "t.csv"), "--json"])
+    assert exp.exit_code == 0, exp.output
+    table = pd.read_csv(tmp_path / "t.csv")
+    assert json.loads(exp.stdout)["steps"] == v["steps"] == len(table)
+    assert int(table["step"].iloc[0]) == v["first_step"] and int(table["step"].iloc[-1]) == v["last_step"]
+    last = table.iloc[-1]
+    assert {s: float(last[state_key(s)]) for s in STATES} == {s: v["final_state_mix"][s] for s in STATES}
+    tl = Timeline.from_run(root)  # what `plot` draws
+    assert len(tl) == v["steps"] and not tl.state_mix().empty
+    res = runner.invoke(app, ["plot", str(root), "--out", str(tmp_path / "fig" / "timeline"), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["collapsed"] is v["collapsed"] and all(Path(p).is_file() for p in out["figures"])

@@ -12,7 +12,7 @@ second full-vocabulary tensor is built for the batch. Two ways to use it:
 Example (a custom loop; `gen_mask` is 1 on tokens the policy generated)::
 
     from collapse_probe.capture.hooks import ControlTokenCapture
-    from collapse_probe.runlog import RunLog
+    from collapse_probe.runs.runlog import RunLog
 
     capture, log = ControlTokenCapture(tokenizer), RunLog("runs/my_run")
     with capture.attach(model):

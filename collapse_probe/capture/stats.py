@@ -6,6 +6,7 @@ A decision position is a place in a sequence where the next token decides struct
     turn_start   the first token of each generated assistant turn
     after_close  right after the tool-call closing tag
     json_body    right after the JSON body opens (`{"` or `{`) inside a call
+    body_closed  the JSON body has closed (and its newline): `</tool_call>` must follow; end-of-turn is premature
 
 Position t "predicts" token t+1; only positions whose next token the policy generated count (`gen_mask`), so
 tags in the system prompt are never measured. `decision_masks` is the one definition of these positions; token
@@ -23,6 +24,11 @@ All statistics gather K control columns at M decision rows: no second full-vocab
 trainer's own log-softmax is reused when it exists). One math (`_gather`) serves both entry points:
 `position_stats` reads every decision row and syncs once; `position_stats_deferred` reads a fixed number of rows
 and never syncs until `DeferredStats.resolve()`.
+
+Training-inference mismatch (`capture/mismatch.py`, schema `mm/` keys): where the sampler's log-prob of each sampled
+token is known, the trainer's and the sampler's probability of it at each decision position, per sampled role,
+and, where the sampler's distribution over the control columns was kept (our trainer), its probability of every
+role and the mismatch part adv * (q_k - p_k) of the gradient pressure. Decision rows only, like the rest.
 """
 
 from __future__ import annotations
@@ -34,8 +40,9 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from collapse_probe.schema import (POSITIONS, Part, Position, Source, cp_chain_count_key, cp_chain_key, cp_count_key,
-                                   cp_entropy_key, cp_key, gp_key, parse_chain_key, parse_cp_key, parse_gp_key,
-                                   parse_sequence_key, sequence_tokens_key)
+                                   cp_entropy_key, cp_key, gp_key, mm_weight_key, parse_chain_key, parse_cp_key,
+                                   parse_gp_key, parse_sequence_key, sequence_tokens_key)
+from collapse_probe.capture.masks import body_closed, ends_at as _ends_at, shift as _shift
 from collapse_probe.tokens import role_sequence
 
 # (row, col) indices of one position kind, and a 0/1 weight per row (None: every row is a real position)
@@ -48,25 +55,6 @@ def decision_positions(ids: torch.Tensor, gen_mask: torch.Tensor, role_ids: Mapp
                        ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(row, col) indices of each position kind in a right-padded batch [N, T]."""
     return {k: torch.nonzero(v, as_tuple=True) for k, v in decision_masks(ids, gen_mask, role_ids).items()}
-
-
-def _ends_at(ids: torch.Tensor, seq: Sequence[int]) -> torch.Tensor:
-    """[N, T] True at t where ids[t-len(seq)+1 .. t] == seq (a single id: ids == id; no seq: all False)."""
-    if not seq:
-        return torch.zeros_like(ids, dtype=torch.bool)
-    m = ids == seq[-1]
-    for j in range(1, len(seq)):
-        back = torch.zeros_like(m)
-        back[:, j:] = ids[:, :-j] == seq[-1 - j]
-        m &= back
-    return m
-
-
-def _shift(m: torch.Tensor, k: int) -> torch.Tensor:
-    """m moved k columns right: out[:, t] = m[:, t - k] (False before the start)."""
-    out = torch.zeros_like(m)
-    out[:, k:] = m[:, : m.shape[1] - k]
-    return out
 
 
 def decision_masks(ids: torch.Tensor, gen_mask: torch.Tensor, role_ids: Mapping[str, int]
@@ -93,6 +81,7 @@ def decision_masks(ids: torch.Tensor, gen_mask: torch.Tensor, role_ids: Mapping[
     jo = role_sequence(role_ids, "json_open")
     in_call = _shift(after_nl | opened, max(len(jo), 1))  # the body's opening right after the tag (+ newline)
     out[Position.JSON_BODY.value] = _ends_at(ids, jo) & in_call & gen_here & gen_next
+    out[Position.BODY_CLOSED.value] = body_closed(ids, gen_here, gen_next, nxt, nl, role_ids)
     return out
 
 
@@ -100,7 +89,8 @@ def _lookback(role_ids: Mapping[str, int]) -> int:
     """How many ids before a position `decision_masks` reads, plus the position itself (3 for one-token tags)."""
     opn = len(role_sequence(role_ids, "tool_open")) or 1
     jo = len(role_sequence(role_ids, "json_open")) or 1
-    return max(3, opn + 1 + jo, len(role_sequence(role_ids, "tool_close")))
+    return max(3, opn + 1 + jo, len(role_sequence(role_ids, "tool_close")),
+               len(role_sequence(role_ids, "json_close")) + 2)
 
 
 def prefix_decisions(prefixes: Sequence[Sequence[int]], role_ids: Mapping[str, int],
@@ -113,7 +103,8 @@ def prefix_decisions(prefixes: Sequence[Sequence[int]], role_ids: Mapping[str, i
     the newline. An empty list is the start of a generated turn (`turn_start`)."""
     if not prefixes:
         return {k: [] for k in POSITIONS}
-    back = _lookback(role_ids)
+    # the whole turn when it is longer than the look-back: body_closed needs the open tag that began the call
+    back = max(_lookback(role_ids), max(len(p) for p in prefixes))
     ids, gen = [], []
     for p in prefixes:
         tail = [int(t) for t in p[len(p) - back:]] if len(p) > back else [int(t) for t in p]
@@ -300,7 +291,7 @@ def _weight_key(key: str, source: str) -> tuple[bool, str | None]:
     if seq is not None:
         tokens = sequence_tokens_key(seq[0])
         return key == tokens, tokens
-    return False, None
+    return mm_weight_key(key)
 
 
 def _weight(key: str, stats: Mapping[str, float], source: str) -> float | None:

@@ -36,8 +36,17 @@ class Event:
         return d
 
 
+_np_log, _np_log1p = np.log, np.log1p
+
+
 def transform_values(x, transform: str = "logit", eps: float = 1e-6):
     """logit(clip(x, eps, 1-eps)), log(max(x, eps)) or identity; works on scalars and arrays."""
+    if type(x) is float and x == x:  # the detectors' per-update path: numpy's own log (same bits), no array setup
+        if transform == "logit":
+            p = min(max(x, eps), 1.0 - eps)
+            return _np_log(p) - _np_log1p(-p)
+        if transform == "log":
+            return _np_log(max(x, eps))
     x = np.asarray(x, dtype="float64")
     if transform == "logit":
         p = np.clip(x, eps, 1.0 - eps)
@@ -61,14 +70,6 @@ def direction_sign(direction: str) -> float:
     if direction not in ("up", "down"):
         raise ValueError(f"direction must be 'up' or 'down', not {direction!r}")
     return 1.0 if direction == "up" else -1.0
-
-
-def finite_or_none(v) -> float | None:
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 class StreamingDetector:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from collapse_probe.detect.event import Event, StreamingDetector, finite_or_none
+from collapse_probe.detect.event import Event, StreamingDetector
+from collapse_probe import schema
 
 
 class GradNormSpikeDetector(StreamingDetector):
@@ -12,7 +13,7 @@ class GradNormSpikeDetector(StreamingDetector):
     `window` non-outlier values for `patience` consecutive updates (defaults 2x, window 100, patience 4 as in
     llm-foundry), after `min_history` values. Event.magnitude = value / running mean."""
 
-    def __init__(self, *, key: str = "grad_norm", kind: str = "grad_norm_spike", window: int = 100,
+    def __init__(self, *, key: str = schema.GRAD_NORM, kind: str = "grad_norm_spike", window: int = 100,
                  factor: float = 2.0, patience: int = 4, min_history: int = 10):
         self.key, self.kind, self.role, self.position = key, kind, None, None
         self.window, self.factor, self.patience, self.min_history = int(window), factor, int(patience), min_history
@@ -25,7 +26,7 @@ class GradNormSpikeDetector(StreamingDetector):
         self.events_ = []
 
     def update(self, step: int, value) -> Event | None:
-        v = finite_or_none(value)
+        v = schema.finite_or_none(value)
         if v is None:
             return None
         if len(self._vals) >= self.min_history:

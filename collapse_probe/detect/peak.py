@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections import deque
 
-import numpy as np
-
-from collapse_probe.detect.event import Event, StreamingDetector, finite_or_none
+from collapse_probe.detect.event import Event, StreamingDetector
+from collapse_probe import schema
 
 
 class PeakFractionDetector(StreamingDetector):
@@ -35,14 +34,16 @@ class PeakFractionDetector(StreamingDetector):
         self.events_ = []
 
     def update(self, step: int, value) -> Event | None:
-        v = finite_or_none(value)
+        v = schema.finite_or_none(value)
         if v is None:
             return None
         self.n += 1
         self._recent.append(v)
         # The peak is tracked from the first value (a run may collapse before any window fills); the median of
         # the last `smooth` values keeps one outlier from setting an unreachable peak.
-        m = float(np.median(self._recent))
+        r = sorted(self._recent)  # np.median's value, without numpy's per-call cost (a few values)
+        h = len(r) // 2
+        m = float(r[h]) if len(r) % 2 else (r[h - 1] + r[h]) / 2
         self.peak = m if self.peak is None else max(self.peak, m)
         peak = self.peak
         low = (self.n > self.min_history and peak is not None and peak >= self.min_peak
@@ -73,7 +74,7 @@ class RewardVarianceCollapseDetector(PeakFractionDetector):
     """RAGEN echo trap: mean in-group reward std falls below half its running peak for 3 steps (groups stop
     disagreeing, so GRPO advantages vanish)."""
 
-    def __init__(self, *, key: str = "reward/group_std_mean", kind: str = "reward_var_collapse",
+    def __init__(self, *, key: str = schema.REWARD_GROUP_STD, kind: str = "reward_var_collapse",
                  frac: float = 0.5, persistence: int = 3, **kwargs):
         super().__init__(key=key, kind=kind, frac=frac, persistence=persistence, **kwargs)
 
@@ -82,6 +83,6 @@ class ValidityDropDetector(PeakFractionDetector):
     """`format_valid` falls below 70% of its running peak for 3 steps. Validity is near 1 on healthy runs and
     measured over hundreds of turns, so a 30% relative loss is far outside noise yet still early."""
 
-    def __init__(self, *, key: str = "format_valid", kind: str = "validity_drop", frac: float = 0.7,
+    def __init__(self, *, key: str = schema.FORMAT_VALID, kind: str = "validity_drop", frac: float = 0.7,
                  persistence: int = 3, **kwargs):
         super().__init__(key=key, kind=kind, frac=frac, persistence=persistence, **kwargs)

@@ -7,7 +7,8 @@ and for a rise the value must also reach `min_value` (1e-6 -> 1e-4 is a large lo
 
 from __future__ import annotations
 
-from collapse_probe.detect.event import Event, StreamingDetector, direction_sign, finite_or_none, transform_values
+from collapse_probe.detect.event import Event, StreamingDetector, direction_sign, transform_values
+from collapse_probe import schema
 
 
 class FirstValueShiftDetector(StreamingDetector):
@@ -27,7 +28,7 @@ class FirstValueShiftDetector(StreamingDetector):
         self.events_ = []
 
     def update(self, step: int, value) -> Event | None:
-        raw = finite_or_none(value)
+        raw = schema.finite_or_none(value)
         if raw is None:
             return None
         y = float(transform_values(raw, "logit", self.eps))

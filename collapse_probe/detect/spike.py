@@ -7,10 +7,12 @@ p(`<|im_end|>` after `<tool_call>`) at 0.01-0.05 with per-step noise of about 0.
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from collections import deque
 
+from collapse_probe import schema
 from collapse_probe.detect.event import (
-    Event, StreamingDetector, direction_sign, finite_or_none, inverse_transform, transform_values,
+    Event, StreamingDetector, direction_sign, inverse_transform, transform_values,
 )
 
 # Extra settings for control-token probabilities rising from a low baseline (used by verdict.py): an absolute
@@ -18,18 +20,36 @@ from collapse_probe.detect.event import (
 # before an alarm: 1e-6 -> 1e-4 is a large log-odds rise but irrelevant mass). z 3 for 2 steps: a per-step mean
 # over hundreds of decision positions is smooth, and the 1.0 log-odds minimum rise keeps noise out; chosen on
 # bench/detection.py's collapse/stable seeds 0-4 (see the closing note of the detection issue).
-CONTROL_SPIKE_DEFAULTS = dict(z_threshold=3.0, persistence=2, abs_threshold=0.3, abs_baseline=0.1, min_value=0.01)
+# The floor is 5% since issue 22 (a warning names a rise that reached at least 5%; it was 1%).
+CONTROL_SPIKE_DEFAULTS = dict(z_threshold=3.0, persistence=2, abs_threshold=0.3, abs_baseline=0.1, min_value=0.05)
 # Broken-turn fraction (fmt/full_collapse + fmt/text_pollution): fractions of a few hundred turns are often
 # exactly 0, so clip at 0.5% (not 1e-6) and demand at least 5% broken turns.
 BREAKAGE_DEFAULTS = dict(eps=0.005, abs_threshold=0.3, abs_baseline=0.1, min_value=0.05)
 
 
 
-def _median(values) -> float:
-    """np.median's value (the mean of the two middle values for an even count), without numpy's overhead."""
-    s = sorted(values)
+def _sorted_median(s: list[float]) -> float:
+    """np.median's value of an already sorted list (the mean of the two middle values for an even count)."""
     m = len(s) // 2
     return float(s[m]) if len(s) % 2 else (s[m - 1] + s[m]) / 2
+
+
+def _sorted_mad(s: list[float], med: float) -> float:
+    """median(|x - med|) of a sorted list: the deviations grow outward from `med` on both sides, so a merge walk
+    of half the list finds the middle ones (O(n) in the window, no sort; the same values as sorting them)."""
+    n = len(s)
+    want = n // 2  # index of the upper middle deviation
+    i, j = bisect_left(s, med) - 1, bisect_left(s, med)
+    prev = cur = 0.0
+    for _ in range(want + 1):
+        left = abs(s[i] - med) if i >= 0 else None
+        right = abs(s[j] - med) if j < n else None
+        prev = cur
+        if right is None or (left is not None and left <= right):
+            cur, i = left, i - 1
+        else:
+            cur, j = right, j + 1
+    return float(cur) if n % 2 else (prev + cur) / 2
 
 
 class OnlineSpikeDetector(StreamingDetector):
@@ -68,10 +88,13 @@ class OnlineSpikeDetector(StreamingDetector):
         self.z_threshold, self.min_rise, self.min_scale = z_threshold, min_rise, min_scale
         self.persistence, self.onset_z = int(persistence), onset_z
         self.abs_threshold, self.abs_baseline, self.min_value = abs_threshold, abs_baseline, min_value
+        self._quiet_z = min(onset_z, z_threshold)  # at or below it an update is quiet whatever the scale
         self.reset()
 
     def reset(self) -> None:
         self._hist: deque[float] = deque(maxlen=self.window)
+        self._sorted: list[float] = []   # the same values, sorted (order statistics without a sort per update)
+        self._cached: tuple[float, float] | None = None  # (baseline, scale) until the history changes
         self.n = 0                       # finite values seen
         self.run = 0                     # consecutive excursions
         self.soft_start: int | None = None  # first step of the current streak with z > onset_z
@@ -83,11 +106,20 @@ class OnlineSpikeDetector(StreamingDetector):
         self.last_z: float | None = None
         self.events_ = []
 
+    def _push(self, y: float) -> None:
+        if len(self._hist) == self.window:
+            del self._sorted[bisect_left(self._sorted, self._hist[0])]
+        self._hist.append(y)
+        insort(self._sorted, y)
+        self._cached = None
+
     def _baseline(self) -> tuple[float, float]:
-        # plain-Python medians: the window is short and numpy's per-call overhead dominated the live callback's step
-        med = _median(self._hist)
-        mad = _median([abs(x - med) for x in self._hist]) * 1.4826
-        return med, max(mad, self.min_scale)
+        # median and MAD from the sorted window (issue 22: the per-update sort was analyze's main cost)
+        if self._cached is None:
+            med = _sorted_median(self._sorted)
+            mad = _sorted_mad(self._sorted, med) * 1.4826
+            self._cached = (med, max(mad, self.min_scale))
+        return self._cached
 
     def _abs_guard(self, raw: float, base: float) -> bool:
         if self.abs_threshold is None or self.abs_baseline is None:
@@ -98,7 +130,7 @@ class OnlineSpikeDetector(StreamingDetector):
         return raw < self.abs_threshold and b > self.abs_baseline
 
     def update(self, step: int, value) -> Event | None:
-        raw = finite_or_none(value)
+        raw = schema.finite_or_none(value)
         if raw is None:
             return None
         step = int(step)
@@ -106,8 +138,24 @@ class OnlineSpikeDetector(StreamingDetector):
         y = float(transform_values(raw, self.transform, self.eps))
         self.n += 1
         if len(self._hist) < self.min_history:
-            self._hist.append(y)
+            self._push(y)
             return None
+        if self._cached is None and self._sorted:
+            base = _sorted_median(self._sorted)
+            d = self.sign * (y - base)
+            if d / self.min_scale <= self._quiet_z:
+                # z = d / scale <= d / min_scale: below both lines whatever the MAD is, so skip computing it
+                # (the common, quiet update; the decision is the one the full computation makes)
+                self.baseline, self.scale, self.last_z = base, None, None
+                excursion = self._abs_guard(raw, base)
+                if not excursion:
+                    self.run, self.soft_start = 0, None
+                    self._push(y)
+                    if self.alarmed:
+                        self.quiet += 1
+                        if self.quiet >= self.persistence:
+                            self.alarmed, self.quiet = False, 0
+                    return None
         base, scale = self._baseline()
         self.baseline, self.scale = base, scale
         d = self.sign * (y - base)
@@ -121,7 +169,7 @@ class OnlineSpikeDetector(StreamingDetector):
         if not excursion:
             self.run = 0
             if not soft:  # a slow ramp must not drag the baseline up behind it
-                self._hist.append(y)
+                self._push(y)
             if self.alarmed:
                 self.quiet = 0 if soft else self.quiet + 1
                 if self.quiet >= self.persistence:
@@ -143,7 +191,8 @@ class OnlineSpikeDetector(StreamingDetector):
 
     def load_state(self, state: dict) -> None:
         self.reset()
-        self._hist.extend(float(v) for v in state.get("history", []))
+        for v in state.get("history", [])[-self.window:]:
+            self._push(float(v))
         for k in ("n", "run", "soft_start", "quiet", "alarmed", "last_step", "baseline", "scale"):
             if k in state:
                 setattr(self, k, state[k])
@@ -153,7 +202,7 @@ class EntropyDropDetector(OnlineSpikeDetector):
     """Down-spike of entropy in log space (entropy collapse precedes the RAGEN echo trap). Defaults: a drop to
     below exp(-0.3) = 74% of the baseline, z 4 against a MAD floor of 5% relative noise, for 3 steps."""
 
-    def __init__(self, *, key: str = "entropy", kind: str = "entropy_drop", direction: str = "down",
+    def __init__(self, *, key: str = schema.ENTROPY, kind: str = "entropy_drop", direction: str = "down",
                  transform: str = "log", eps: float = 1e-8, min_rise: float = 0.3, min_scale: float = 0.05,
                  **kwargs):
         super().__init__(key=key, kind=kind, direction=direction, transform=transform, eps=eps,

@@ -14,6 +14,8 @@ tasks rather than the syntax. Aliases keep older commands working; results are k
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from collapse_probe.errors import UserError
 from collapse_probe.formats.spec import FormatSpec
 from collapse_probe.formats.syntaxes import PrefixJson, PythonList, Syntax, TaggedJson, UntaggedJson, Xml
@@ -49,3 +51,9 @@ def canonical_name(name: str, extra: tuple[str, ...] = ()) -> str:
 
 def get_syntax(name: str) -> Syntax:
     return SYNTAXES[canonical_name(name)]
+
+
+def format_spec(name: str, known_tools: Iterable[str] | None = None) -> FormatSpec:
+    """The FormatSpec (tags, end-of-turn, body syntax) of a registered format name or alias; unknown names raise
+    UserError."""
+    return get_syntax(name).spec(known_tools)

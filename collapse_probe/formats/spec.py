@@ -65,10 +65,3 @@ class FormatSpec:
                    response_open="[TOOL_RESULTS]", role_markers=("[INST]", "[/INST]", "[SYSTEM_PROMPT]",
                    "[AVAILABLE_TOOLS]"), think=None, call_list=True, known_tools=known_tools,
                    turn_split=_MISTRAL_SPLIT)
-
-    @classmethod
-    def preset(cls, name: str, known_tools: Iterable[str] | None = None) -> FormatSpec:
-        """The spec of a registered format name (`formats.registry`); unknown names raise UserError."""
-        from collapse_probe.formats.registry import get_syntax  # the registry builds specs with this class
-
-        return get_syntax(name).spec(known_tools)

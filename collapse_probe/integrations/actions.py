@@ -11,9 +11,10 @@ from typing import Mapping
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from collapse_probe.detect.monitor import WARNING_KINDS, CollapseMonitor, pick_source
+from collapse_probe.detect.monitor import WARNING_KINDS, CollapseMonitor
 from collapse_probe.errors import UserError
 from collapse_probe.schema import ALERT, CHECKPOINT_SAVED, COLLAPSE_REASON, COLLAPSED, STEP, STOPPED
+from collapse_probe import schema
 
 ON_WARNING = ("log", "checkpoint")
 ON_COLLAPSE = ("log", "stop")
@@ -43,7 +44,7 @@ class Actions:
     def decide(self, record: Mapping) -> Decision:
         """Feed one completed step's record (steps in order); what to add to it and what to do."""
         if self.monitor is None:  # on-policy numbers when the run has them, else the probe set's
-            self.monitor = CollapseMonitor(source=pick_source(record))
+            self.monitor = CollapseMonitor(source=schema.pick_source(record))
         was_collapsed = self.monitor.collapsed
         alerts = [e for e in self.monitor.update(record) if e.kind in WARNING_KINDS]
         out = Decision({})

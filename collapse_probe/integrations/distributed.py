@@ -10,7 +10,9 @@ from typing import Mapping
 
 import torch
 
-from collapse_probe.schema import POSITIONS, Part, cp_count_key, cp_entropy_key, cp_key, gp_key, parse_cp_key
+from collapse_probe.schema import (ANY_TOKEN, MISMATCH_PREFIX, MM_AGGREGATES, MM_TOKENS, POSITIONS, SAMPLED_STATS,
+                                   MismatchStat, Part, cp_count_key, cp_entropy_key, cp_key, gp_key, mm_key,
+                                   mm_weight_key, parse_cp_key)
 
 
 def world_size() -> int:
@@ -28,6 +30,16 @@ def capture_keys(role_ids: Mapping[str, int], source: str, *, pressure: bool) ->
         if pressure:
             keys += [gp_key(pos, r, part) for part in (Part.CHOSEN, Part.OTHER) for r in roles]
     return keys
+
+
+def mismatch_keys(role_ids: Mapping[str, int]) -> list[str]:
+    """Every mismatch key an integration's capture can produce (capture/mismatch.py without the sampler's
+    distribution: per sampled role, and the whole-batch totals), in a fixed order."""
+    keys: list[str] = []
+    for pos in POSITIONS:
+        for role in [ANY_TOKEN] + sorted(role_ids):
+            keys += [mm_key(pos, role, MismatchStat.COUNT)] + [mm_key(pos, role, s) for s in SAMPLED_STATS]
+    return keys + [MM_TOKENS, *MM_AGGREGATES]
 
 
 def _device() -> torch.device:
@@ -51,14 +63,16 @@ def all_reduce_totals(sums: Mapping[str, float], weights: Mapping[str, float], k
     dist.all_reduce(vec)
     flat = vec.tolist()
     n = len(keys)
-    out_sums = {k: flat[i] for i, k in enumerate(keys)}
-    out_weights = {k: flat[n + i] for i, k in enumerate(keys) if not _is_count(k)}
+    # a mismatch key no rank measured (no sampler log-probs in this run) is left out, not reported as 0
+    unseen = {k for i, k in enumerate(keys) if k.startswith(MISMATCH_PREFIX) and flat[i] == 0 and flat[n + i] == 0}
+    out_sums = {k: flat[i] for i, k in enumerate(keys) if k not in unseen}
+    out_weights = {k: flat[n + i] for i, k in enumerate(keys) if not _is_count(k) and k not in unseen}
     return out_sums, out_weights
 
 
 def _is_count(key: str) -> bool:
     cap = parse_cp_key(key)
-    return cap is not None and key == cp_count_key(cap.source, cap.position)
+    return (cap is not None and key == cp_count_key(cap.source, cap.position)) or mm_weight_key(key)[0]
 
 
 def broadcast_flags(flags: list[bool]) -> list[bool]:

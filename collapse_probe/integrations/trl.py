@@ -9,7 +9,10 @@ log-prob forward run the backbone and project through the LM head in tiles. So `
   is scored as hidden rows x LM-head weight at the decision rows only, with TRL's transform (logit scale, softcap,
   / temperature); a logits output is read at the same rows / temperature;
 - counts only forwards inside `compute_loss` with gradients on: the no-grad old-logprob, reference and eval
-  forwards are skipped.
+  forwards are skipped;
+- reads the sampler's log-probs TRL hands `compute_loss` (`sampling_per_token_logps`, vLLM generation only; the
+  trainer's `old_per_token_logps` when there) for the mismatch at the decision positions (capture/mismatch.py);
+  without them `mismatch_status` says why (transformers generation has no separate sampler).
 
 Sums are kept per optimizer step (`pop_totals()`); the callback adds them up across ranks before writing.
 """
@@ -23,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from collapse_probe.capture.mismatch import mismatch_stats
 from collapse_probe.capture.stats import RecordMeans, decision_positions, position_stats_rows
 from collapse_probe.errors import UserError
 from collapse_probe.schema import Source
@@ -38,6 +42,16 @@ class _Batch:
     own: torch.Tensor          # [B, T] 1 on the policy's own tokens
     advantages: torch.Tensor | None
     cursor: int = 0            # rows already scored (TRL may split the batch into chunks)
+    # [B, T] aligned like the loss's log-probs (entry c: the token at c + 1): the sampler's (vLLM) log-probs and
+    # the trainer's before the update, where TRL passes them; `known` [B, T] where the sampler's exists
+    rollout_logp: torch.Tensor | None = None
+    train_logp: torch.Tensor | None = None
+    known: torch.Tensor | None = None
+    sampler_missing: bool = False  # a TRL batch without sampling_per_token_logps
+
+
+NO_SAMPLER = ("no sampler log-probs: TRL passes sampling_per_token_logps with vLLM generation only (transformers "
+              "generation samples with the trained model itself)")
 
 
 def unwrap_model(model: Any) -> Any:
@@ -66,6 +80,12 @@ def batch_of(inputs: Any) -> _Batch | None:
             own = own * inputs["tool_mask"].long()
         ids = torch.cat([prompt, comp], dim=1)
         own = torch.cat([torch.zeros_like(prompt), own], dim=1)
+        rollout = _aligned(inputs.get("sampling_per_token_logps"), prompt.shape[1], ids.shape[1], comp.shape)
+        train = _aligned(inputs.get("old_per_token_logps"), prompt.shape[1], ids.shape[1], comp.shape)
+        known = None
+        if rollout is not None:
+            known = torch.zeros_like(own, dtype=torch.bool)
+            known[:, :-1] = own[:, 1:].bool()
     elif isinstance(inputs.get("input_ids"), torch.Tensor):
         ids = inputs["input_ids"]
         labels, attn = inputs.get("labels"), inputs.get("attention_mask")
@@ -83,7 +103,20 @@ def batch_of(inputs: Any) -> _Batch | None:
         adv = adv if adv.dim() == 1 and adv.shape[0] == ids.shape[0] else None
     else:
         adv = None
+    if "completion_ids" in inputs and "prompt_ids" in inputs:
+        return _Batch(ids.detach(), own.detach(), adv, rollout_logp=rollout, train_logp=train, known=known,
+                      sampler_missing=rollout is None)
     return _Batch(ids.detach(), own.detach(), adv)
+
+
+def _aligned(x: Any, prompt_len: int, width: int, shape: torch.Size) -> torch.Tensor | None:
+    """Completion-aligned per-token log-probs [B, C] placed at the positions that predict them in the
+    prompt + completion ids [B, T] (entry P - 1 + j predicts completion token j); None when absent."""
+    if not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(shape):
+        return None
+    out = torch.zeros((shape[0], width), dtype=torch.float32, device=x.device)
+    out[:, prompt_len - 1:prompt_len - 1 + shape[1]] = x.detach().float()
+    return out
 
 
 def head_transform(config: Any, temperature: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -137,6 +170,7 @@ class OnPolicyCapture:
         self._batch: _Batch | None = None
         self._hidden: torch.Tensor | None = None
         self._warned: set[str] = set()
+        self.mismatch_status: str | None = None  # why no mismatch keys (None: measured, or not a TRL batch)
         self.forwards = 0  # training forwards scored (tests and the bench read it)
         self.skipped = 0   # forwards inside compute_loss that were not scored (no grad, or not this batch)
 
@@ -225,17 +259,31 @@ class OnPolicyCapture:
             batch.cursor += n
             ids, own = batch.ids[start:start + n], batch.own[start:start + n]
             adv = batch.advantages[start:start + n] if batch.advantages is not None else None
+            sampler = None if batch.rollout_logp is None else tuple(
+                x[start:start + n] if x is not None else None
+                for x in (batch.rollout_logp, batch.train_logp, batch.known))
+            self.mismatch_status = NO_SAMPLER if batch.sampler_missing else None
             if scores is not None:
-                self._score_logits(scores.detach(), ids, own, adv)
+                self._score_logits(scores.detach(), ids, own, adv, sampler)
             else:
-                self._score_hidden(hidden.detach(), ids, own, adv)
+                self._score_hidden(hidden.detach(), ids, own, adv, sampler)
             self.forwards += 1
         except Exception as e:
             self._warn("hook", f"on-policy capture failed ({type(e).__name__}: {e})")
 
     # ------------------------------------------------------------------ scoring
 
-    def _score_hidden(self, hidden: torch.Tensor, ids: torch.Tensor, own: torch.Tensor, adv) -> None:
+    def _mismatch(self, read, ids: torch.Tensor, pos, sampler, dev: torch.device) -> None:
+        """The mismatch keys of this forward's rows, from the sampler's and (when TRL passed them) the trainer's
+        old log-probs; the trainer's log-prob of each decision row's token is read from the same rows otherwise."""
+        if sampler is None:
+            return
+        rollout, train, known = (x.to(dev) if x is not None else None for x in sampler)
+        rec = mismatch_stats(ids, pos, self.role_ids, logp_rollout=rollout, known=known, logp_train=train,
+                             scores=read, is_logp=False)
+        self._means.add(rec, self.source)
+
+    def _score_hidden(self, hidden: torch.Tensor, ids: torch.Tensor, own: torch.Tensor, adv, sampler=None) -> None:
         dev = hidden.device
         weight, bias, ctx = _gathered_head(self._head)  # entered on every rank, with or without rows
         with ctx, torch.no_grad():
@@ -251,9 +299,10 @@ class OnPolicyCapture:
                 return self._transform(torch.nn.functional.linear(h, w, b))
             rec = position_stats_rows(read, ids, pos, self.role_ids, device=dev, source=self.source,
                                       advantages=adv.to(dev) if adv is not None else None)
+            self._mismatch(read, ids, pos, sampler, dev)
         self._means.add(rec, self.source)
 
-    def _score_logits(self, logits: torch.Tensor, ids: torch.Tensor, own: torch.Tensor, adv) -> None:
+    def _score_logits(self, logits: torch.Tensor, ids: torch.Tensor, own: torch.Tensor, adv, sampler=None) -> None:
         dev = logits.device
         offset = ids.shape[1] - logits.shape[1]  # older TRL keeps only the last logits_to_keep + 1 positions
         if offset < 0:
@@ -265,6 +314,7 @@ class OnPolicyCapture:
             rec = position_stats_rows(lambda r, c: self._transform(logits[r, c - offset]), ids, pos, self.role_ids,
                                       device=dev, source=self.source,
                                       advantages=adv.to(dev) if adv is not None else None)
+            self._mismatch(lambda r, c: self._transform(logits[r, c - offset]), ids, pos, sampler, dev)
         self._means.add(rec, self.source)
 
     def _warn(self, key: str, msg: str) -> None:

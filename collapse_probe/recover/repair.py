@@ -26,7 +26,9 @@ from collapse_probe.capture.probe_set import ProbeSet
 from collapse_probe.capture.stats import role_probs
 from collapse_probe import world
 from collapse_probe.schema import Position, Source
-from collapse_probe.train.trainer import TrainConfig, sft_step, evaluate
+from collapse_probe.train.config import TrainConfig
+from collapse_probe.train.evaluate import evaluate
+from collapse_probe.train.sft import sft_step
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 

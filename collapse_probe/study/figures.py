@@ -21,8 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from collapse_probe.plots import OKABE_ITO, P_FLOOR, STYLE  # noqa: E402
-from collapse_probe.study.report import group_rows, same_lr  # noqa: E402
+from collapse_probe.plots.style import OKABE_ITO, P_FLOOR, STYLE  # noqa: E402
+from collapse_probe.study.rows import group_rows, same_lr  # noqa: E402
 
 __all__ = ["METHOD_COLOURS", "plot_study", "trace_band"]
 

@@ -23,7 +23,8 @@ from typing import Callable
 
 from collapse_probe import schema
 from collapse_probe.errors import UserError
-from collapse_probe.study.report import METHODS, write_atomic
+from collapse_probe.study.report import write_atomic, write_report
+from collapse_probe.study.rows import METHODS
 
 # method -> TrainConfig fields on top of the preset; `round` is the error-SFT round length (RL steps)
 METHOD_SETTINGS: dict[str, Callable[[int], dict]] = {
@@ -130,7 +131,7 @@ def start_model(cfg: StudyConfig, *, threads: int | None = None) -> str:
 def evaluate_model(path: str, *, n: int) -> dict:
     """Greedy held-out success of the checkpoint at `path`: in distribution, per OOD syntax, per content change."""
     from collapse_probe.recover.evaluate import evaluate_format
-    from collapse_probe.train.tiny import load_pretrained
+    from collapse_probe.models.load import load_pretrained
 
     model, tok = load_pretrained(path)
     score = {name: evaluate_format(model, tok, name, n=n)["success"] for name in
@@ -156,8 +157,7 @@ def _trace(records: list[dict]) -> dict:
     key = schema.cp_key(schema.Source.ROLLOUT, schema.Position.AFTER_OPEN, "end_of_turn")
     rl = [r for r in records if schema.SUCCESS in r]
 
-    def num(v):
-        return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+    num = schema.finite_or_none
     return {"step": [int(r["step"]) for r in rl], "success": [num(r.get(schema.SUCCESS)) for r in rl],
             "p_eot": [num(r.get(key)) for r in rl]}
 
@@ -165,8 +165,8 @@ def _trace(records: list[dict]) -> dict:
 def run_one(cfg: StudyConfig, method: str, seed: int, lr: float, out: Path, init: str,
             progress: Callable[[int, dict], None] | None = None) -> dict:
     """Train one run into out/NAME (or reuse it when finished with the same config) and return its row."""
-    from collapse_probe.analyze import analyze
-    from collapse_probe.runlog import read_records
+    from collapse_probe.commands.analyze import analyze
+    from collapse_probe.runs.joined import read_records
     from collapse_probe.train.trainer import train
 
     tcfg = cfg.train_config(method, seed, lr)
@@ -194,7 +194,6 @@ def run_study(cfg: StudyConfig, out: str | Path, report_dir: str | Path, *,
               progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Every run of the grid (finished ones reused), the start model's scores, then the report in `report_dir`.
     `progress(label, steps done, steps total)` follows the RL steps of the whole grid."""
-    from collapse_probe.study.report import write_report
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -32,42 +32,19 @@ import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["METHODS", "NO_SFT_METHODS", "check_claims", "claims_markdown", "group_rows", "method_table",
-           "same_lr", "table_markdown", "write_atomic", "write_report"]
+from collapse_probe.schema import finite_or_none
+from collapse_probe.study.figures import plot_study
+from collapse_probe.study.rows import NO_SFT_METHODS, group_rows, same_lr
 
-METHODS = ("vanilla", "interleaved", "off-policy", "hint", "error-sft", "reflection")
-NO_SFT_METHODS = ("vanilla", "off-policy", "hint")  # methods that never train on the canonical calls
+__all__ = ["check_claims", "claims_markdown", "method_table", "table_markdown", "write_atomic", "write_report"]
+
 OOD_MARGIN = 0.05  # claim 3: the smallest drop below the start model that counts as a cost
 _EPS = 1e-9  # float slack on the comparisons of the rules (0.90 - 0.85 must count as 0.05)
 
 
-def same_lr(a: float, b: float) -> bool:
-    """lrs read back from JSON or config strings differ in the last bits: compare relatively."""
-    return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-12)
-
-
-def _order(method: str) -> tuple[int, str]:
-    return (METHODS.index(method), "") if method in METHODS else (len(METHODS), method)
-
-
-def group_rows(rows: Iterable[dict]) -> dict[tuple[str, float], list[dict]]:
-    """Run rows (not the start row) by (method, lr), in display order: METHODS, then lr ascending."""
-    groups: dict[tuple[str, float], list[dict]] = {}
-    for row in rows:
-        if row.get("method") == "start":
-            continue
-        key = next((k for k in groups if k[0] == row["method"] and same_lr(k[1], row["lr"])),
-                   (row["method"], float(row["lr"])))
-        groups.setdefault(key, []).append(row)
-    return dict(sorted(groups.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1])))
-
-
 def _num(x) -> float | None:
     """A finite float, or None for a missing / NaN value (rows may carry either)."""
-    if x is None or isinstance(x, bool):
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
+    return finite_or_none(x)
 
 
 def _mean(values: Iterable) -> float | None:
@@ -297,9 +274,6 @@ def write_report(rows: Sequence[dict], start: dict | None, out_dir: Path | str, 
                  settings: str) -> dict:
     """Write table.md, table.json, claims.md, report.md and the figures into `out_dir`; return table.json's
     content. report.md is written last, so its presence means the whole report is there."""
-    # figures imports METHODS from here: importing it here, not at the top, avoids the cycle
-    from collapse_probe.study.figures import plot_study
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = method_table(rows, main_lr=main_lr)

@@ -26,6 +26,10 @@ from typing import Any
 from collapse_probe.errors import UserError
 from collapse_probe.world import RewardSpec
 
+ROLLOUT_DTYPES = ("fp32", "bf16", "fp16")
+CORRECTIONS = ("none", "token_tis", "seq_tis", "seq_mis", "geo_mis")  # train/correction.py defines them
+WEIGHTED_CORRECTIONS = ("token_tis", "seq_tis", "seq_mis")  # importance weights (geo_mis only masks)
+
 SIZES = {  # name: (hidden, layers, heads)
     "tiny": (128, 2, 4),
     "small": (128, 4, 4),
@@ -90,6 +94,21 @@ class TrainConfig:
     error_sft_lr: float | None = _knob(None, gt=0)  # None: the RL learning rate
     reflection: bool = False  # add a judge's analysis of each failure to the error SFT
     judge: str | None = None  # a local HF causal LM that writes the analysis (None: the rule judge)
+    # the rollout engine (train/engine.py): the sampler is not the trainer. Defaults: the policy samples itself
+    rollout_top_p: float = _knob(1.0, gt=0, le=1)  # nucleus sampling; the trainer's log-probs stay full-distribution
+    rollout_top_k: int = _knob(0, ge=0)  # 0: off
+    rollout_dtype: str = _knob("fp32", choices=ROLLOUT_DTYPES)  # a bf16/fp16 copy samples; the trainer stays fp32
+    rollout_lag: int = _knob(0, ge=0)  # the sampler's weights are this many steps stale (asynchronous RL)
+    # "rollout": the sampler's log-probs are the PPO old log-probs (the ratio corrects for it); "recompute": the
+    # trainer's own before the update, as verl computes them (nothing corrects for the sampler unless a correction)
+    old_logp: str = _knob("rollout", choices=("rollout", "recompute"))
+    ppo_mini_batches: int = _knob(1, ge=1)  # optimizer steps a training step, on equal mini-batches (clipped)
+    rollout_correction: str = _knob("none", choices=CORRECTIONS)  # train/correction.py (verl's rollout correction)
+    rollout_correction_threshold: float | None = _knob(None, gt=1)  # None: the correction's default (correction.py)
+    # --- the paper's task structure (issue 23; world/tasks.py make_task): off by default ---
+    user_turns: int = _knob(1, ge=1, le=8)  # an episode holds 1..N user turns in sequence (BFCL multi-turn)
+    abstain_frac: float = _knob(0.0, ge=0, le=1)  # user turns whose right action is to call nothing (miss_*)
+    # --- end of the task-structure block ---
     # logging
     eval_every: int = _knob(0, ge=0)  # greedy held-out success every N steps (0: only at the end)
     eval_tasks: int = _knob(64, ge=1)
@@ -120,6 +139,13 @@ class TrainConfig:
             raise UserError("judge is the model that writes reflections: set reflection=true with it")
         if self.judge is not None:
             check_judge_path(self.judge)
+        batch = self.prompts_per_step * self.group_size
+        if batch % self.ppo_mini_batches:
+            raise UserError(f"ppo_mini_batches {self.ppo_mini_batches} does not divide the batch of {batch} "
+                            f"trajectories (prompts_per_step x group_size): choose a divisor of {batch}")
+        if self.rollout_correction in WEIGHTED_CORRECTIONS and self.old_logp != "recompute":
+            raise UserError(f"rollout_correction {self.rollout_correction} weighs by p_train / q_rollout, which "
+                            f"needs old_logp=recompute (with old_logp=rollout the PPO ratio is already p / q)")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values: enums as their strings, the reward as a dict."""
@@ -163,7 +189,10 @@ def check_judge_path(path: str | Path) -> None:
 # Fields added after the first configs were written appear in config.json only when set away from their default,
 # so older configs, and the cached models' keys (a hash of to_json), stay as they were.
 _FIELDS_WRITTEN_WHEN_SET = ("sft_data", "harness", "offpolicy_samples", "hint_samples", "error_sft_every",
-                            "error_sft_epochs", "error_sft_lr", "reflection", "judge")
+                            "error_sft_epochs", "error_sft_lr", "reflection", "judge", "rollout_top_p",
+                            "rollout_top_k", "rollout_dtype", "rollout_lag", "old_logp", "ppo_mini_batches",
+                            "rollout_correction", "rollout_correction_threshold")
+_FIELDS_WRITTEN_WHEN_SET += ("user_turns", "abstain_frac")  # the task-structure block (issue 23)
 
 
 def apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
@@ -324,6 +353,8 @@ def _allowed(base: Any, optional: bool, meta: typing.Mapping[str, Any]) -> str:
     kind = {int: "an integer", float: "a number", str: "a string"}[base]
     if "ge" in meta and "le" in meta:
         bounds = f" in [{meta['ge']}, {meta['le']}]"
+    elif "gt" in meta and "le" in meta:
+        bounds = f" in ({meta['gt']}, {meta['le']}]"
     else:
         bounds = "".join(f" {op} {meta[k]}" for k, op in (("ge", ">="), ("gt", ">"), ("le", "<=")) if k in meta)
     return f"takes {kind}{bounds}{' or none' if optional else ''}"

@@ -20,9 +20,11 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from collapse_probe import schema
+from collapse_probe.capture.mismatch import mismatch_stats
 from collapse_probe.capture.stats import RecordMeans, decision_positions, position_stats
 from collapse_probe.train import offpolicy
-from collapse_probe.train.rollout import Trajectory
+from collapse_probe.train.correction import rollout_correction, threshold_of
+from collapse_probe.train.rollout import POLICY, Trajectory
 from collapse_probe.train.sft import collate
 
 LOGITS_BUDGET = 1 << 26  # floats of [rows, T, V] logits one micro-batch may hold (256 MB)
@@ -102,17 +104,34 @@ def _vocab(model) -> int:
 def grpo_loss(model, trajs: list[Trajectory], advantages: torch.Tensor, *, pad_id: int, clip_eps: float = 0.2,
               kl_coef: float = 0.0, ref_model=None, temperature: float = 1.0,
               role_ids: dict[str, int] | None = None, micro_batch: int | None = None,
-              backward: bool = False) -> GRPOLossOut:
-    """The GRPO loss of `trajs` and its metrics (capture keys when `role_ids` is given). `micro_batch`: sequences
-    per policy forward (default: as many as fit `LOGITS_BUDGET`). `backward=True` backpropagates each micro-batch here and
-    returns the loss detached (`backward_done`): no recomputation, the cheapest way for a large vocabulary."""
+              backward: bool = False, train_logp: list[list[float]] | None = None, old_logp: str = "rollout",
+              correction: str = "none", correction_threshold: float | None = None) -> GRPOLossOut:
+    """The GRPO loss of `trajs` and its metrics (capture and mismatch keys when `role_ids` is given). `micro_batch`:
+    sequences per policy forward (default: as many as fit `LOGITS_BUDGET`). `backward=True` backpropagates each
+    micro-batch here and returns the loss detached (`backward_done`): no recomputation, the cheapest way for a large
+    vocabulary. `Trajectory.old_logp` is the sampler's q; `train_logp` the trainer's log-probs before the update
+    (train/update.py): the PPO old log-probs with `old_logp="recompute"`, and p_train of the `correction`
+    (train/correction.py: its weights multiply the per-token objective; masked sequences leave the loss)."""
     batch = collate([t.ids for t in trajs], [t.gen_mask for t in trajs], pad_id, extra=[t.old_logp for t in trajs])
     ids, attn, gen = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     mask = gen[:, 1:].float()
     # oracle samples (train/offpolicy.py): weighted p/(p+0.1), unclipped, and left out of the on-policy metrics
     off_rows = torch.tensor([t.source == offpolicy.SOURCE for t in trajs])
+    own = torch.tensor([t.source == POLICY for t in trajs])[:, None]  # sampled by the engine: q is known
     on_gen = gen * (~off_rows)[:, None]
-    old_logp = batch["extra"][:, 1:]
+    q_logp = batch["extra"][:, 1:]  # the sampler's
+    ppo_old, corr = q_logp, None
+    if train_logp is not None:
+        p_old = collate([t.ids for t in trajs], [t.gen_mask for t in trajs], pad_id, extra=train_logp)["extra"][:, 1:]
+        if old_logp == "recompute":  # hinted rows hold the trainer's log-probs already (train/hints.py)
+            ppo_old = torch.where(own, p_old, q_logp)
+        if correction != "none":
+            corr = rollout_correction(p_old, q_logp, mask * own, kind=correction,
+                                      threshold=threshold_of(correction, correction_threshold))
+            mask = mask * corr.keep[:, None]  # masked sequences leave the loss and its token count
+    known = (mask * own).bool()  # where the sampler's q of the token is known: the mismatch capture
+    watch = _watch_tensor(trajs, ids.shape[1]) if role_ids else None
+    tis_cap = threshold_of(correction, correction_threshold) if correction == "token_tis" else None
     n_tok = mask.sum().clamp(min=1)
     adv_all = advantages.float()
     lengths = [len(t.ids) for t in trajs]
@@ -132,9 +151,11 @@ def grpo_loss(model, trajs: list[Trajectory], advantages: torch.Tensor, *, pad_i
         rows, w = parts[i]
         logp, logp_all = token_logp(_logits(model, ids[rows, :w], attn[rows, :w], temperature), ids[rows, 1:w])
         m, adv, off = mask[rows, :w - 1], adv_all[rows, None], off_rows[rows, None]
-        old = torch.where(off, logp.detach(), old_logp[rows, :w - 1])
+        old = torch.where(off, logp.detach(), ppo_old[rows, :w - 1])
         ratio = torch.exp(logp - old)
         obj = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+        if corr is not None:
+            obj = obj * corr.weights[rows, :w - 1]  # detached importance weights (1 where none)
         if off.any():
             weight = offpolicy.off_policy_weight(logp)
             obj = torch.where(off, weight * ratio * adv, obj)
@@ -151,7 +172,8 @@ def grpo_loss(model, trajs: list[Trajectory], advantages: torch.Tensor, *, pad_i
         if i not in done:  # a checkpoint's recomputation in backward does not count twice
             done.add(i)
             _measure(sums, logp_all, logp, ratio, m * ~off, pg, kl, ids[rows, :w], on_gen[rows, :w], adv_all[rows],
-                     old_logp[rows, :w - 1], clip_eps, role_ids, single=len(parts) == 1)
+                     q_logp[rows, :w - 1], clip_eps, role_ids, single=len(parts) == 1, known=known[rows, :w - 1],
+                     watch=None if watch is None else watch[rows, :w - 1], tis_cap=tis_cap)
         return loss
 
     if backward:
@@ -167,6 +189,21 @@ def grpo_loss(model, trajs: list[Trajectory], advantages: torch.Tensor, *, pad_i
         loss = sum(checkpoint(part_loss, i, use_reentrant=False) for i in range(len(parts)))
     n_on = float((mask * ~off_rows[:, None]).sum().clamp(min=1))
     return GRPOLossOut(loss, _metrics(sums, n_on, bool(ref_logp)), backward_done=backward)
+
+
+def _watch_tensor(trajs: list[Trajectory], width: int) -> torch.Tensor | None:
+    """[N, width - 1, K]: at position c the sampler's log-probs of the control columns where it drew token c + 1
+    (`Trajectory.watch_logq`), 0 where unknown (the capture reads only `known` positions); None when none kept."""
+    kept = [t.watch_logq if t.watch_logq is not None and len(t.watch_logq) == len(t.ids) else None for t in trajs]
+    k = next((len(v) for w in kept if w for v in w if v is not None), 0)
+    if not k:
+        return None
+    out = torch.zeros(len(trajs), width, k)
+    zero = [0.0] * k
+    for i, w in enumerate(kept):
+        if w:
+            out[i, :len(w)] = torch.tensor([zero if v is None else v for v in w])
+    return out[:, 1:]
 
 
 @torch.no_grad()
@@ -193,7 +230,7 @@ def sequence_logp(model, trajs: list[Trajectory], *, pad_id: int, temperature: f
 
 @torch.no_grad()
 def _measure(sums: _Sums, logp_all, logp, ratio, m, pg, kl, ids, gen, adv, old_logp, clip_eps: float,
-             role_ids, *, single: bool) -> None:
+             role_ids, *, single: bool, known=None, watch=None, tis_cap: float | None = None) -> None:
     sums.pg += float(pg.detach())
     if kl is not None:
         sums.kl += float(kl.detach())
@@ -210,6 +247,10 @@ def _measure(sums: _Sums, logp_all, logp, ratio, m, pg, kl, ids, gen, adv, old_l
         pos = decision_positions(ids, gen, role_ids)  # t predicts t+1, both in range
         rec = position_stats(logp_all, ids, pos, role_ids, is_logp=True, source=schema.Source.ROLLOUT.value,
                              advantages=adv)
+        if known is not None and bool(known.any()):  # the sampler beside the trainer (capture/mismatch.py)
+            rec.update(mismatch_stats(ids, pos, role_ids, logp_train=logp.detach(), logp_rollout=old_logp,
+                                      known=known, scores=logp_all, rollout_roles=watch, advantages=adv,
+                                      tis_cap=tis_cap))
         if single:
             sums.single = rec
         else:
@@ -221,10 +262,10 @@ def _metrics(sums: _Sums, n_tok: float, with_kl: bool) -> dict[str, float]:
     if with_kl:
         metrics[schema.KL] = sums.kl
     metrics[schema.ENTROPY] = sums.ent / sums.ent_rows if sums.ent_rows else float("nan")
-    metrics["clip_ratio"] = sums.clip / n_tok
-    metrics["sampling/logp_gap"] = sums.gap / n_tok
-    metrics["pg_loss"] = sums.pg
+    metrics[schema.CLIP_RATIO] = sums.clip / n_tok
+    metrics[schema.LOGP_GAP] = sums.gap / n_tok
+    metrics[schema.PG_LOSS] = sums.pg
     if sums.off_n:
-        metrics["oracle/weight_mean"] = sums.off_w / sums.off_n
+        metrics[schema.ORACLE_WEIGHT] = sums.off_w / sums.off_n
     metrics.update(sums.single if sums.single is not None else sums.capture.pop())
     return metrics

@@ -14,6 +14,11 @@ plus plain question/answer turns with no tools (QA_FRAC), "wrong call(s) -> tool
 traces (the model learns to go on after errors, as the paper harness lets it) and, in the canonical syntax,
 a few "bare tag -> error -> retry" traces (so p(end-of-turn | `<tool_call>\\n`) is small but not 1e-6).
 Trained briefly, it is competent but imperfect in the canonical syntax, as an instruct model is before RL.
+
+The conversations follow the structure of the tasks they are given (world.tasks `user_turns`, `abstain_frac`,
+set by the trainer from TrainConfig): with several user turns each user turn's calls, answer and the next
+question follow in one conversation; an abstaining turn (a tool withheld from the list, or nobody named) is
+answered in text without any call, in every syntax. Plain tasks give exactly the 0.1 mixture.
 """
 
 from __future__ import annotations
@@ -40,7 +45,9 @@ def _obs(result: dict) -> str:
 
 
 def _qa_example(task: world.Task) -> tuple[str, list[tuple[str, str | None]]]:
-    """The task's facts stated in the question, answered without tools."""
+    """The task's facts stated in the question, answered without tools (the plain task of the same seed when
+    the first user turn is one to abstain on)."""
+    task = world.make_task(task.seed) if task.abstain else task
     facts = []
     for name, args, obs in task.oracle_calls():
         facts.append(_FACTS[name].format(a=f'"{next(iter(args.values()))}"', o=f'"{next(iter(obs.values()))}"'))
@@ -52,23 +59,32 @@ def _qa_example(task: world.Task) -> tuple[str, list[tuple[str, str | None]]]:
 
 def tool_turns(task: world.Task, syntax: str, rng: random.Random, *, error_frac: float = ERROR_FRAC,
                retry_frac: float = 0.0) -> list[tuple[str, str | None]]:
-    """The oracle conversation in `syntax`: (assistant turn, observation) pairs, then the answer; with
-    probability `error_frac` one call is first made 1-3 times with a wrong value and corrected after the errors, and (hermes
-    only) with probability `retry_frac` a bare tag and its "empty tool call" error come before one call."""
+    """The oracle conversation in `syntax`: per user turn, (assistant turn, observation) pairs, then its reply
+    (the answer, or an abstaining turn's text) with the next user turn's question as the observation; with
+    probability `error_frac` one call is first made 1-3 times with a wrong value and corrected after the errors,
+    and (hermes only) with probability `retry_frac` a bare tag and its "empty tool call" error come before one
+    call of the first user turn. A plain task draws from `rng` exactly as the 0.1 mixture did."""
     syn = SYNTAXES[syntax]
-    calls = task.oracle_calls()
-    turns = [(syn.render(name, args), _obs(obs)) for name, args, obs in calls]
+    users = task.user_turns
+    calls = [task.turn_calls(u) for u in users]
+    segments = [[(syn.render(name, args), _obs(obs)) for name, args, obs in cs] for cs in calls]
     if rng.random() < error_frac:  # agents retry after an error: the paper harness lets failures loop
-        at = rng.randrange(len(calls))
-        name, args, _ = calls[at]
-        key = next(iter(args))
-        pool = [v for v in world.NAMES + world.CITIES + world.USER_IDS if "error" in task.execute(name, {key: v})]
-        for _ in range(rng.randint(1, 3)):
-            wrong = {key: rng.choice(pool)}  # a value the tool does not know: an error observation
-            turns.insert(at, (syn.render(name, wrong), _obs(task.execute(name, wrong))))
+        spots = [(k, j) for k, cs in enumerate(calls) for j in range(len(cs))]
+        if spots:
+            k, at = spots[rng.randrange(len(spots))]
+            name, args, _ = calls[k][at]
+            key = next(iter(args))
+            pool = [v for v in world.NAMES + world.CITIES + world.USER_IDS if "error" in task.execute(name, {key: v})]
+            for _ in range(rng.randint(1, 3)):
+                wrong = {key: rng.choice(pool)}  # a value the tool does not know: an error observation
+                segments[k].insert(at, (syn.render(name, wrong), _obs(task.execute(name, wrong))))
     if syntax == HERMES and rng.random() < retry_frac:
-        turns.insert(rng.randrange(len(turns) + 1), (f"{world.TOOL_OPEN}\n", _obs({"error": EMPTY})))
-    return turns + [(world.render_answer(task.answer), None)]
+        segments[0].insert(rng.randrange(len(segments[0]) + 1), (f"{world.TOOL_OPEN}\n", _obs({"error": EMPTY})))
+    turns: list[tuple[str, str | None]] = []
+    for k, seg in enumerate(segments):
+        turns += seg
+        turns.append((task.turn_reply(users[k]), users[k + 1].question if k + 1 < len(users) else None))
+    return turns
 
 
 def instruct_conversation(task: world.Task, rng: random.Random, *, retry_frac: float = 0.0
@@ -79,7 +95,7 @@ def instruct_conversation(task: world.Task, rng: random.Random, *, retry_frac: f
         return _qa_example(task)
     names, weights = zip(*SYNTAX_MIX)
     syntax = rng.choices(names, weights)[0]
-    system = world.system_prompt(call_instruction=SYNTAXES[syntax].call_instruction())
+    system = world.system_prompt(task.tools, call_instruction=SYNTAXES[syntax].call_instruction())
     return world.prompt_text(task, system), tool_turns(task, syntax, rng, retry_frac=retry_frac)
 
 

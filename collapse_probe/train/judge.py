@@ -64,7 +64,7 @@ class ModelJudge:
     (greedy, at most `max_new_tokens`). Loaded with safetensors, no remote code."""
 
     def __init__(self, path: str | Path, *, max_new_tokens: int = 96):
-        from collapse_probe.train.tiny import load_pretrained
+        from collapse_probe.models.load import load_pretrained
 
         p = Path(path)
         check_judge_path(p)

@@ -5,6 +5,8 @@
                       "Qwen2.5-Instruct", able in four call syntaxes. Two stages because on 2 cores a model
                       trained on the mixture from scratch stays on its loss plateau (validity 1.0, content 0.03
                       after 600 steps at lr 3e-3): the copying skill is learned on one syntax first
+    instruct-paper    the instruct mixture with the paper's task structure: episodes of 1-5 user turns, 20% of
+                      turns abstaining (a tool withheld or nobody named: call nothing; world/tasks.py)
     instruct-sft      tool SFT (canonical oracle data) of the instruct model: the paper's SFT-first start
     grpo-outcome      the paper's collapse: GRPO from the instruct model, binary 0/1 outcome reward, no format
                       term, the paper-like harness (world.episode PAPER), up to 30 turns
@@ -44,6 +46,10 @@ PRESETS: dict[str, TrainConfig] = {
                        retry_frac=0.1, eval_every=100, probe_every=25, save_every=0),
     "instruct": TrainConfig(mode=Mode.SFT, steps=300, lr=2e-3, lr_schedule=Schedule.COSINE, sft_batch=16,
                             retry_frac=0.05, sft_data="instruct", eval_every=0, probe_every=0, save_every=0),
+    # the paper's task structure (issue 23): the same mixture over episodes of 1-5 user turns, 20% of turns abstaining
+    "instruct-paper": TrainConfig(mode=Mode.SFT, steps=300, lr=2e-3, lr_schedule=Schedule.COSINE, sft_batch=16,
+                                  retry_frac=0.05, sft_data="instruct", user_turns=5, abstain_frac=0.2,
+                                  eval_every=0, probe_every=0, save_every=0),
     "instruct-sft": TrainConfig(mode=Mode.SFT, steps=100, lr=1e-3, lr_schedule=Schedule.COSINE, sft_batch=32,
                                 retry_frac=0.05, eval_every=0, probe_every=0, save_every=0),
     "grpo-outcome": TrainConfig(mode=Mode.GRPO, lr=5e-4, reward=_OUTCOME_REWARD, **_PAPER_RL),
@@ -56,7 +62,7 @@ PRESETS: dict[str, TrainConfig] = {
 
 
 # preset -> the preset whose model it starts from (absent: built from scratch)
-START: dict[str, str] = {"instruct": "sft", "instruct-sft": "instruct", "grpo-outcome": "instruct", "grpo-outcome-sft": "instruct-sft",
+START: dict[str, str] = {"instruct": "sft", "instruct-paper": "sft", "instruct-sft": "instruct", "grpo-outcome": "instruct", "grpo-outcome-sft": "instruct-sft",
                          "grpo-collapse": "sft", "grpo-stable": "sft", "interleaved": "sft"}
 
 

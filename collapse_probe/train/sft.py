@@ -9,7 +9,9 @@ import random
 
 import torch
 
-from collapse_probe import world
+from collapse_probe import schema, world
+from collapse_probe.train import instruct
+from collapse_probe.train.config import TrainConfig
 
 
 def oracle_batch(tokenizer, tasks: list[world.Task], *, retry_frac: float = 0.0,
@@ -55,3 +57,32 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
                                             reduction="none").view_as(mask)
     return (nll * mask).sum() / mask.sum().clamp(min=1)
+
+
+def sft_step(model, opt, tok, tasks, cfg: TrainConfig, rng: random.Random, lr: float | None = None) -> dict:
+    """One SFT step on the oracle (or instruct-mixture) conversations of `tasks`."""
+    if cfg.sft_data == "instruct":
+        seqs, masks = instruct.instruct_batch(tok, tasks, retry_frac=cfg.retry_frac, rng=rng)
+    else:
+        seqs, masks = oracle_batch(tok, tasks, retry_frac=cfg.retry_frac, rng=rng)
+    return sft_update(model, opt, tok, seqs, masks, cfg, lr)
+
+
+def sft_update(model, opt, tok, seqs: list[list[int]], masks: list[list[int]], cfg: TrainConfig,
+               lr: float | None = None) -> dict:
+    """One SFT step on the given sequences (loss on their mask), at `lr` for this step if given."""
+    batch = collate(seqs, masks, tok.pad_token_id)
+    previous = opt.param_groups[0]["lr"]
+    if lr is not None:
+        for g in opt.param_groups:
+            g["lr"] = lr
+    loss = sft_loss(model, batch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    used = opt.param_groups[0]["lr"]
+    opt.step()
+    if lr is not None:
+        for g in opt.param_groups:
+            g["lr"] = previous
+    return {schema.PHASE: "sft", schema.LOSS: float(loss.detach()), schema.GRAD_NORM: float(gn), schema.LR: used}

@@ -11,17 +11,13 @@ punctuation splits as in Qwen's vocabulary (`{"` is one token): the paper's meas
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
-from collapse_probe.errors import UserError
 from collapse_probe.train.config import SIZES
-from collapse_probe.weights import check_weights
 from collapse_probe import world
 
 CHAT_TEMPLATE = (
@@ -101,67 +97,3 @@ def build_model(tokenizer: PreTrainedTokenizerBase, size: str = "small", seed: i
     return Qwen2ForCausalLM(config)
 
 
-@contextmanager
-def quiet_transformers():
-    """transformers' progress bars and load reports off (our own bars say what is happening)."""
-    from transformers.utils import logging as hf_logging
-
-    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """A tokenizer from a local directory or the local hub cache (never the network); any failure is one
-    UserError line."""
-    try:
-        with quiet_transformers():
-            return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code,
-                                                 local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, tokenizers' own errors on bad files, ...
-        if not Path(path).exists():
-            raise UserError(f"{path}: no such directory, and no such model in the local Hugging Face cache "
-                            "(nothing is downloaded): pass a local directory holding tokenizer files") from None
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise UserError(f"{path}: could not load a tokenizer ({type(exc).__name__}: {first}); pass a local "
-                        "directory holding tokenizer files (hub names work only when already cached)") from None
-
-
-def load_pretrained(path: str | Path, *, trust_remote_code: bool = False):
-    """Load (model, tokenizer) from a local directory (or a hub name already in the local cache): safetensors only,
-    never a pickle, never the network. Every way a load can fail (no or cut weight files, a lying header,
-    missing tensors, bad tokenizer files) is one UserError line. `trust_remote_code` stays off unless asked."""
-    path = str(path)
-    p = Path(path)
-    hint = "pass a directory with config.json, model.safetensors and tokenizer files (e.g. a run's checkpoint-N/)"
-    if p.exists() and not (p / "config.json").exists():
-        raise UserError(f"{path}: no config.json here; pass a directory written by save_pretrained "
-                        "(e.g. a run's checkpoint-N/)")
-    if p.is_dir():
-        check_weights(p)  # missing, cut or lying weight files: refused from their headers
-    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    try:
-        with quiet_transformers():  # its load report and bars would break the one-line error
-            model, info = AutoModelForCausalLM.from_pretrained(
-                path, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch.float32,
-                local_files_only=True, output_loading_info=True)
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - SafetensorError, torch errors on cut files, OSError, ValueError, ...
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"{path}: could not load a model and tokenizer ({type(exc).__name__}: {first}); the files "
-                        f"may be truncated, corrupt or still being written: {hint}") from None
-    missing = [k for k in info.get("missing_keys", ()) if k not in getattr(model, "_tied_weights_keys", ()) or ()]
-    if missing:
-        raise UserError(f"{path}: the weights lack {len(missing)} tensor(s) (first: {missing[0]}); the checkpoint is "
-                        f"incomplete: {hint}")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return model, tokenizer

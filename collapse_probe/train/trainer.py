@@ -17,16 +17,20 @@ from typing import Callable
 
 import torch
 
+from collapse_probe.capture.mismatch import watch_roles
 from collapse_probe.capture.probe_set import ProbeSet
-from collapse_probe.formats.classify import FormatSpec, classify_turn
-from collapse_probe.runlog import RolloutLog, RunLog, lock_run_dir, unlock_run_dir
-from collapse_probe.schema import FORMAT_VALID, HEALTHY_STATES, FormatState, reason_key, state_key
+from collapse_probe.formats.classify import FormatSpec, StateMix, classify_turn
+from collapse_probe.runs.runlog import RolloutLog, RunLog, lock_run_dir, unlock_run_dir
 from collapse_probe.tokens import resolve_control_tokens
+from collapse_probe.models import load as model_load
 from collapse_probe.train import error_sft, grpo, hints, instruct, judge, offpolicy, sft, tiny
 from collapse_probe import schema, world
 from collapse_probe.train.config import Mode, Schedule, TrainConfig
+from collapse_probe.train.engine import RolloutEngine
+from collapse_probe.train.evaluate import evaluate
 from collapse_probe.train.run_files import check_run_dir, remove_run_files
 from collapse_probe.train.rollout import POLICY, Trajectory, rollout
+from collapse_probe.train.update import ppo_update
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
@@ -59,6 +63,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dic
         ref_model, _ = _load(cfg)
         ref_model.eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    engine = RolloutEngine.from_config(model, cfg)  # the sampler: the policy itself unless a mismatch source is set
     # only now, with the config checked and the model loaded, does the run directory change
     held = lock_run_dir(out)  # refuses a second writer before anything is removed or written
     try:
@@ -75,12 +80,13 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dic
     model.train()
     for step in range(cfg.steps + 1):
         t0 = time.time()
-        rec: dict = {"step": step}
+        rec: dict = {schema.STEP: step}
         if probe is not None and step % cfg.probe_every == 0:
             rec.update(probe.score(model))
         if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps:
             rec[schema.EVAL_SUCCESS] = evaluate(model, tok, n=cfg.eval_tasks, max_turns=cfg.max_turns,
-                                                max_new_tokens=cfg.max_new_tokens, harness=cfg.harness)
+                                                max_new_tokens=cfg.max_new_tokens, harness=cfg.harness,
+                                                user_turns=cfg.user_turns, abstain_frac=cfg.abstain_frac)
         if step == cfg.steps:  # the last record only measures; no update after it
             rec[schema.STEP_TIME] = time.time() - t0
             log.append(rec)
@@ -88,26 +94,18 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dic
         for g in opt.param_groups:
             g["lr"] = get_lr(step, cfg)
         if cfg.mode is Mode.SFT:
-            tasks = world.task_split("train", cfg.sft_batch, offset=step * cfg.sft_batch, run_seed=cfg.seed)
-            rec.update(sft_step(model, opt, tok, tasks, cfg, rng))
+            tasks = world.task_split("train", cfg.sft_batch, offset=step * cfg.sft_batch, run_seed=cfg.seed,
+                                     user_turns=cfg.user_turns, abstain_frac=cfg.abstain_frac)
+            rec.update(sft.sft_step(model, opt, tok, tasks, cfg, rng))
         else:
             tasks = world.task_split("train", cfg.prompts_per_step, offset=step * cfg.prompts_per_step,
-                                     run_seed=cfg.seed)
-            trajs = sample_groups(model, tok, tasks, cfg, step)
-            adv = grpo.group_advantages(trajs)
-            opt.zero_grad(set_to_none=True)
-            # backward per micro-batch inside the loss: one micro-batch's activations at a time, no recomputation
-            out_loss = grpo.grpo_loss(model, trajs, adv, pad_id=tok.pad_token_id, clip_eps=cfg.clip_eps,
-                                      kl_coef=cfg.kl_coef, ref_model=ref_model, temperature=cfg.temperature,
-                                      role_ids=role_ids, backward=True)
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            rec.update(out_loss.metrics)
+                                     run_seed=cfg.seed, user_turns=cfg.user_turns, abstain_frac=cfg.abstain_frac)
+            metrics, trajs = grpo_step(model, opt, tok, tasks, cfg, step, ref_model=ref_model, role_ids=role_ids,
+                                       engine=engine)
+            rec.update(metrics)
             own = [t for t in trajs if t.source == POLICY]  # success and formats: the policy unaided
-            rec.update(_rollout_metrics(own, tok, spec))
+            rec.update(_rollout_metrics(own, spec))
             rec.update(_supervision_metrics(trajs))
-            rec.update({schema.PHASE: "rl", schema.LOSS: float(out_loss.loss.detach()), schema.GRAD_NORM: float(gn),
-                        schema.LR: opt.param_groups[0]["lr"]})
             failed = ([t.task for t in own if not t.success] + failed)[:64]
             if cfg.log_rollouts:
                 rlog.write(step, [_rollout_row(t, tok, step) for t in trajs[: cfg.log_rollouts]])
@@ -131,56 +129,53 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: Callable[[int, dic
 
 def _load(cfg: TrainConfig):
     if cfg.init:
-        model, tok = tiny.load_pretrained(cfg.init)
+        model, tok = model_load.load_pretrained(cfg.init)
     else:  # the instruct mixture brings its own BPE merges (other syntaxes' punctuation)
         tok = tiny.build_tokenizer(instruct.instruct_corpus() if cfg.sft_data == "instruct" else None)
         model = tiny.build_model(tok, cfg.size, seed=cfg.seed)
     return model, tok
 
 
-def sample_groups(model, tok, tasks: list[world.Task], cfg: TrainConfig, step: int) -> list[Trajectory]:
+def sample_groups(model, tok, tasks: list[world.Task], cfg: TrainConfig, step: int, *,
+                  engine: RolloutEngine | None = None, watch_ids: list[int] | None = None) -> list[Trajectory]:
     """One step's groups: G samples per task, of which `hint_samples` drawn with a hint (then stripped of it,
-    their old log-probs recomputed without it: train/hints.py) and `offpolicy_samples` the oracle's (offpolicy.py)."""
-    trajs = rollout(model, tok, tasks, group_size=cfg.group_size - cfg.offpolicy_samples, max_turns=cfg.max_turns,
+    their old log-probs recomputed without it: train/hints.py) and `offpolicy_samples` the oracle's (offpolicy.py).
+    `engine` samples (train/engine.py; None: the policy `model` itself); `watch_ids` keeps its log-probs of those
+    control columns (the mismatch capture)."""
+    sampler = engine.model if engine is not None else model
+    trajs = rollout(sampler, tok, tasks, group_size=cfg.group_size - cfg.offpolicy_samples, max_turns=cfg.max_turns,
                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, reward=cfg.reward,
                     seed=cfg.seed * 100_003 + step, harness=cfg.harness, hinted=cfg.hint_samples,
-                    hint_system=hints.hinted_system)
+                    hint_system=hints.hinted_system, top_p=cfg.rollout_top_p, top_k=cfg.rollout_top_k,
+                    watch_ids=watch_ids)
     hinted = [hints.strip_hint(t, tok) for t in trajs if t.source == hints.SOURCE]
     for t, logp in zip(hinted, grpo.sequence_logp(model, hinted, pad_id=tok.pad_token_id,
                                                   temperature=cfg.temperature)):
-        t.old_logp = logp
+        t.old_logp, t.watch_logq = logp, None  # the trainer's log-probs now: no sampler to compare
     if cfg.offpolicy_samples:
         trajs = offpolicy.add_oracle_samples(trajs, tok, tasks, per_group=cfg.offpolicy_samples,
                                              max_turns=cfg.max_turns, harness=cfg.harness, reward=cfg.reward)
     return trajs
 
 
-def sft_step(model, opt, tok, tasks, cfg: TrainConfig, rng: random.Random, lr: float | None = None) -> dict:
-    if cfg.sft_data == "instruct":
-        seqs, masks = instruct.instruct_batch(tok, tasks, retry_frac=cfg.retry_frac, rng=rng)
-    else:
-        seqs, masks = sft.oracle_batch(tok, tasks, retry_frac=cfg.retry_frac, rng=rng)
-    return sft_update(model, opt, tok, seqs, masks, cfg, lr)
-
-
-def sft_update(model, opt, tok, seqs: list[list[int]], masks: list[list[int]], cfg: TrainConfig,
-               lr: float | None = None) -> dict:
-    """One SFT step on the given sequences (loss on their mask), at `lr` for this step if given."""
-    batch = sft.collate(seqs, masks, tok.pad_token_id)
-    previous = opt.param_groups[0]["lr"]
-    if lr is not None:
-        for g in opt.param_groups:
-            g["lr"] = lr
-    loss = sft.sft_loss(model, batch)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    used = opt.param_groups[0]["lr"]
-    opt.step()
-    if lr is not None:
-        for g in opt.param_groups:
-            g["lr"] = previous
-    return {schema.PHASE: "sft", schema.LOSS: float(loss.detach()), schema.GRAD_NORM: float(gn), schema.LR: used}
+def grpo_step(model, opt, tok, tasks: list[world.Task], cfg: TrainConfig, step: int, *, ref_model=None,
+              role_ids: dict[str, int] | None = None, engine: RolloutEngine | None = None
+              ) -> tuple[dict, list[Trajectory]]:
+    """One GRPO step: the rollout engine takes the weights it samples with (stale by `rollout_lag`), samples the
+    groups, then `ppo_update` (train/update.py: old log-probs, correction, mini-batches) on their group-normalised
+    advantages. Returns the metrics (capture, gradient pressure and mismatch included) and the trajectories."""
+    if engine is not None:
+        engine.sync(model, step)
+    watch = watch_roles(role_ids)[1] if role_ids else None
+    trajs = sample_groups(model, tok, tasks, cfg, step, engine=engine, watch_ids=watch)
+    adv = grpo.group_advantages(trajs)
+    metrics = ppo_update(model, opt, trajs, adv, pad_id=tok.pad_token_id, grad_clip=cfg.grad_clip,
+                         clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, ref_model=ref_model,
+                         temperature=cfg.temperature, role_ids=role_ids, mini_batches=cfg.ppo_mini_batches,
+                         old_logp=cfg.old_logp, correction=cfg.rollout_correction,
+                         correction_threshold=cfg.rollout_correction_threshold)
+    metrics.update({schema.PHASE: "rl", schema.LR: opt.param_groups[0]["lr"]})
+    return metrics, trajs
 
 
 def _interleave(model, opt, tok, failed: list[world.Task], cfg: TrainConfig, rng: random.Random) -> dict:
@@ -190,9 +185,9 @@ def _interleave(model, opt, tok, failed: list[world.Task], cfg: TrainConfig, rng
         pool = failed[: cfg.sft_batch]
         fill = world.task_split("train_fill", cfg.sft_batch - len(pool), offset=rng.randrange(10**6),
                                 run_seed=cfg.seed)
-        m = sft_step(model, opt, tok, pool + fill, cfg, rng, lr=cfg.sft_lr or cfg.lr)
-        losses.append(m["loss"])
-    return {"sft/loss": sum(losses) / len(losses), "sft/steps": float(len(losses))}
+        m = sft.sft_step(model, opt, tok, pool + fill, cfg, rng, lr=cfg.sft_lr or cfg.lr)
+        losses.append(m[schema.LOSS])
+    return {schema.SFT_LOSS: sum(losses) / len(losses), schema.SFT_STEPS: float(len(losses))}
 
 
 def _error_sft(model, tok, failures: list[error_sft.Failure], cfg: TrainConfig, rng: random.Random,
@@ -202,7 +197,7 @@ def _error_sft(model, tok, failures: list[error_sft.Failure], cfg: TrainConfig, 
     examples = [error_sft.erroneous_example(tok, f) for f in failures]
     if reviewer is not None:
         examples += [judge.reflection_example(tok, f, reviewer) for f in failures]
-    rec: dict = {"error_sft/examples": float(len(examples))}
+    rec: dict = {schema.ERROR_SFT_EXAMPLES: float(len(examples))}
     if not examples:
         return rec
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.error_sft_lr or cfg.lr, weight_decay=cfg.weight_decay,
@@ -212,8 +207,8 @@ def _error_sft(model, tok, failures: list[error_sft.Failure], cfg: TrainConfig, 
         order = rng.sample(examples, len(examples))
         for i in range(0, len(order), cfg.sft_batch):
             batch = order[i:i + cfg.sft_batch]
-            losses.append(sft_update(model, opt, tok, [b[0] for b in batch], [b[1] for b in batch], cfg)[schema.LOSS])
-    rec.update({"error_sft/loss": sum(losses) / len(losses), "error_sft/steps": float(len(losses))})
+            losses.append(sft.sft_update(model, opt, tok, [b[0] for b in batch], [b[1] for b in batch], cfg)[schema.LOSS])
+    rec.update({schema.ERROR_SFT_LOSS: sum(losses) / len(losses), schema.ERROR_SFT_STEPS: float(len(losses))})
     return rec
 
 
@@ -222,39 +217,32 @@ def _supervision_metrics(trajs) -> dict:
     for source in (hints.SOURCE, offpolicy.SOURCE):
         sel = [t for t in trajs if t.source == source]
         if sel:
-            rec[f"{source}/success"] = sum(t.success for t in sel) / len(sel)
+            rec[schema.source_success_key(source)] = sum(t.success for t in sel) / len(sel)
     return rec
 
 
-def _rollout_metrics(trajs, tok, spec) -> dict:
+def _rollout_metrics(trajs, spec) -> dict:
     rewards = torch.tensor([t.reward for t in trajs])
     groups: dict[int, list[float]] = {}
     for t in trajs:
         groups.setdefault(t.group, []).append(t.reward)
-    states: dict[str, int] = {}
-    reasons: dict[str, int] = {}
-    n_turns = 0
+    mix = StateMix()
     for t in trajs:
         for text in t.episode.turns:
-            v = classify_turn(text, spec, user_message=t.task.question)
-            states[v.state.value] = states.get(v.state.value, 0) + 1
-            reasons[v.reason] = reasons.get(v.reason, 0) + 1
-            n_turns += 1
-    n_turns = max(n_turns, 1)
+            mix.add(classify_turn(text, spec, user_message=t.task.question))
+    n = len(trajs)
     rec = {
         schema.REWARD_MEAN: float(rewards.mean()), schema.REWARD_STD: float(rewards.std(unbiased=False)),
         schema.REWARD_GROUP_STD: float(sum(torch.tensor(g).std(unbiased=False) for g in groups.values()) / len(groups)),
-        schema.SUCCESS: sum(t.success for t in trajs) / len(trajs),
-        "len/response_mean": sum(sum(t.gen_mask) for t in trajs) / len(trajs),
-        "len/turns_mean": sum(len(t.episode.turns) for t in trajs) / len(trajs),
-        "tools/calls_mean": sum(t.episode.n_calls for t in trajs) / len(trajs),
-        "tools/errors_mean": sum(t.episode.n_errors for t in trajs) / len(trajs),
+        schema.SUCCESS: sum(t.success for t in trajs) / n,
+        schema.RESPONSE_LEN: sum(sum(t.gen_mask) for t in trajs) / n,
+        schema.TURNS_MEAN: sum(len(t.episode.turns) for t in trajs) / n,
+        schema.TOOL_CALLS: sum(t.episode.n_calls for t in trajs) / n,
+        schema.TOOL_ERRORS: sum(t.episode.n_errors for t in trajs) / n,
     }
-    for s in FormatState:
-        rec[state_key(s)] = states.get(s.value, 0) / n_turns
-    rec[FORMAT_VALID] = sum(rec[state_key(s)] for s in HEALTHY_STATES)
-    for r, n in reasons.items():
-        rec[reason_key(r)] = n / n_turns
+    if mix.total:
+        rec.update(mix.metrics())
+        rec[schema.FORMAT_VALID] = mix.healthy_fraction()
     return rec
 
 
@@ -263,21 +251,11 @@ def _rollout_row(t, tok, step: int) -> dict:
             "turns": list(t.episode.turns), "text": tok.decode(t.ids, skip_special_tokens=False)}
 
 
-@torch.no_grad()
-def evaluate(model, tok, *, n: int = 64, max_turns: int = 8, max_new_tokens: int = 40, offset: int = 0,
-             system: str | None = None, parse=None, logits_processor=None, harness: str = world.STRICT) -> float:
-    """Greedy success on held-out tasks (the eval split never overlaps training seeds)."""
-    tasks = world.task_split("eval", n, offset=offset)
-    trajs = rollout(model, tok, tasks, group_size=1, max_turns=max_turns, max_new_tokens=max_new_tokens,
-                    greedy=True, system=system, parse=parse, logits_processor=logits_processor, harness=harness)
-    return sum(t.success for t in trajs) / len(trajs)
-
-
 def save_checkpoint(model, tok, out: Path, step: int) -> Path:
     """`checkpoint-N/` in the Hugging Face layout (safetensors), plus a small trainer_state.json."""
     path = out / f"checkpoint-{step}"
     tmp = out / f".tmp-checkpoint-{step}"
-    with tiny.quiet_transformers():
+    with model_load.quiet_transformers():
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     (tmp / "trainer_state.json").write_text(json.dumps({"global_step": step}))

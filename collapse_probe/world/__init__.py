@@ -5,12 +5,14 @@ A leaf package: capture, detect, recover and train import it; it imports only th
 """
 
 from collapse_probe.world.chat import encode_conversation, encode_trajectory, observation_text, prompt_text
-from collapse_probe.world.episode import HARNESSES, PAPER, STRICT, Episode, oracle_turns, parse_calls
+from collapse_probe.world.episode import (
+    ABSTAINING, AFTER_CALLS, CALLS_DUE, HARNESSES, PAPER, SITES, STRICT, Episode, oracle_turns, parse_calls, turn_sites,
+)
 from collapse_probe.world.reward import RewardSpec
 from collapse_probe.world.tasks import (
     CITIES, ENDOFTEXT, IM_END, IM_START, NAMES, RESP_CLOSE, RESP_OPEN, SKIES, SPECIAL_TOKENS, TASK_KINDS,
     TOOL_CLOSE, TOOL_NAMES, TOOL_OPEN, TOOLS, USER_IDS, HERMES_INSTRUCTION, Task, make_task, render_answer, render_call, system_prompt,
-    task_split,
+    task_split, ABSTAIN_KINDS, ABSTAIN_REPLY, MISS_FUNC, MISS_PARAM, UserTurn,
 )
 
 __all__ = [
@@ -18,5 +20,6 @@ __all__ = [
     "TASK_KINDS", "TOOL_CLOSE", "TOOL_NAMES", "TOOL_OPEN", "TOOLS", "USER_IDS", "Task", "make_task",
     "render_answer", "render_call", "system_prompt", "task_split", "Episode", "oracle_turns", "parse_calls",
     "RewardSpec", "encode_trajectory", "observation_text", "prompt_text", "encode_conversation", "HARNESSES",
-    "PAPER", "STRICT", "HERMES_INSTRUCTION",
+    "PAPER", "STRICT", "HERMES_INSTRUCTION", "ABSTAIN_KINDS", "ABSTAIN_REPLY", "MISS_FUNC", "MISS_PARAM", "UserTurn",
+    "ABSTAINING", "AFTER_CALLS", "CALLS_DUE", "SITES", "turn_sites",
 ]

@@ -10,7 +10,9 @@ from collapse_probe.world.tasks import IM_END, IM_START, Task, system_prompt
 
 
 def prompt_text(task: Task, system: str | None = None) -> str:
-    system = system_prompt() if system is None else system
+    """The ChatML prompt up to the first assistant header; the default system prompt lists the task's tools
+    (all of them unless one is withheld: world.tasks miss_func)."""
+    system = system_prompt(task.tools) if system is None else system
     return (f"{IM_START}system\n{system}{IM_END}\n{IM_START}user\n{task.question}{IM_END}\n"
             f"{IM_START}assistant\n")
 

@@ -19,10 +19,22 @@ Calls are parsed with `json` only. The harness is strict: a call it cannot execu
 tag, an unknown tool, a bad or unknown argument) ends the episode, as does running out of turns. Only an empty
 call (`<tool_call>` and nothing in it) is answered with an error observation and the episode goes on, the way
 agent harnesses treat a no-op; `Episode(end_on_call_error=False)` answers every error with an observation.
+
+The paper's task structure (BFCL multi-turn base / miss_param / miss_func), as options of `make_task` and
+`task_split` that are off by default (a task made without them is exactly the single-question task above):
+
+    user_turns=N     an episode holds 1..N user turns (uniform, from the task seed), each its own question about
+                     the same database (the state carried over), each with its own calls and answer
+    abstain_frac=f   each user turn is, with probability f, one whose right action is to call nothing:
+                     miss_func   a tool the question needs is withheld from the episode's tool list (and cannot
+                                 be executed); the oracle says it cannot do that
+                     miss_param  the question names nobody; the oracle asks who is meant, and (when the episode
+                                 has room) the next user turn names the person and the calls follow, as in BFCL
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass
@@ -84,9 +96,32 @@ def render_answer(answer: str) -> str:
     return f'The answer is "{answer}".'
 
 
+MISS_FUNC, MISS_PARAM = "miss_func", "miss_param"  # the two kinds of abstaining user turn (BFCL's names)
+ABSTAIN_KINDS = (MISS_FUNC, MISS_PARAM)
+# the oracle's reply on an abstaining turn: a plain text turn, no call
+ABSTAIN_REPLY = {MISS_FUNC: "I cannot do that with the tools I have.",
+                 MISS_PARAM: "Which person do you mean? Please give me the name."}
+UNNAMED = "my colleague"  # stands where a miss_param question would name the person
+WITHHOLDABLE = ("get_weather", "get_friend")  # every kind needs find_user and get_city
+
+
+@dataclass(frozen=True)
+class UserTurn:
+    """One user turn of an episode: its question, the tools its calls use in order (empty when the right action
+    is to call nothing), whose facts it asks about, and why it abstains (None, MISS_FUNC or MISS_PARAM)."""
+
+    question: str
+    chain: tuple[str, ...]
+    subject: str
+    abstain: str | None = None
+
+
 @dataclass
 class Task:
-    """One episode's world state and question. Everything is derived from `seed`."""
+    """One episode's world state and question(s). Everything is derived from `seed` (and the structure options).
+
+    The first user turn is `question` / `chain` / `subject` (`abstain` says whether it is one to call nothing
+    on); `more` holds the later user turns; `withheld` is a tool left out of the tool list (miss_func)."""
 
     seed: int
     kind: str
@@ -97,10 +132,38 @@ class Task:
     friend: dict[str, str]  # user id -> friend's user id
     city: dict[str, str]  # user id -> city
     sky: dict[str, str]  # city -> weather
+    more: tuple[UserTurn, ...] = ()
+    abstain: str | None = None
+    withheld: str | None = None
+
+    @property
+    def user_turns(self) -> list[UserTurn]:
+        return [UserTurn(self.question, tuple(self.chain), self.subject, self.abstain), *self.more]
+
+    @property
+    def tools(self) -> list[dict]:
+        """The tool list the episode's system prompt shows (all but a withheld tool)."""
+        return [t for t in TOOLS if t["name"] != self.withheld]
+
+    def turn_calls(self, turn: UserTurn) -> list[tuple[str, dict, dict]]:
+        """(tool, arguments, observation) of the oracle's calls on one user turn ([] on an abstaining turn)."""
+        out, value = [], turn.subject
+        for name in () if turn.abstain else turn.chain:
+            arg = {"find_user": "name", "get_weather": "city"}.get(name, "user_id")
+            obs = self.execute(name, {arg: value})
+            out.append((name, {arg: value}, obs))
+            value = next(iter(obs.values()))
+        return out
+
+    def turn_reply(self, turn: UserTurn) -> str:
+        """The oracle's closing text of one user turn: the answer, or the abstaining turn's reply."""
+        if turn.abstain:
+            return ABSTAIN_REPLY[turn.abstain]
+        return render_answer(str(next(iter(self.turn_calls(turn)[-1][2].values()))))
 
     def execute(self, name: str, arguments: dict) -> dict:
         """Run one tool. Errors are observations, never exceptions."""
-        if name not in TOOL_NAMES:
+        if name not in TOOL_NAMES or name == self.withheld:
             return {"error": f"unknown tool {name!r}"}
         arg = {"find_user": "name", "get_weather": "city"}.get(name, "user_id")
         value = arguments.get(arg)
@@ -113,21 +176,29 @@ class Task:
         return {table[1]: table[0][value]}
 
     def oracle_calls(self) -> list[tuple[str, dict, dict]]:
-        """(tool, arguments, observation) for the expert solution."""
-        out, value = [], self.subject
-        for name in self.chain:
-            arg = {"find_user": "name", "get_weather": "city"}.get(name, "user_id")
-            obs = self.execute(name, {arg: value})
-            out.append((name, {arg: value}, obs))
-            value = next(iter(obs.values()))
-        return out
+        """(tool, arguments, observation) for the expert solution of the first user turn."""
+        return self.turn_calls(self.user_turns[0])
 
     @property
     def answer(self) -> str:
+        """The first user turn's answer (an abstaining first turn has none: ValueError)."""
+        if self.abstain:
+            raise ValueError(f"task {self.seed}: its first user turn ({self.abstain}) has no answer")
         return str(next(iter(self.oracle_calls()[-1][2].values())))
 
 
-def make_task(seed: int, kind: str | None = None) -> Task:
+def make_task(seed: int, kind: str | None = None, *, user_turns: int = 1, abstain_frac: float = 0.0) -> Task:
+    """The task of `seed`; `user_turns` > 1 or `abstain_frac` > 0 give it the paper's structure (module doc),
+    drawn from a second generator so that the database and first question stay those of the plain task."""
+    if user_turns < 1 or not 0.0 <= abstain_frac <= 1.0:
+        raise ValueError(f"user_turns {user_turns} must be >= 1 and abstain_frac {abstain_frac} in [0, 1]")
+    task = _plain_task(seed, kind)
+    if user_turns == 1 and abstain_frac == 0.0:
+        return task
+    return _structured(task, random.Random(f"structure-{seed}"), user_turns, abstain_frac, fixed_kind=kind)
+
+
+def _plain_task(seed: int, kind: str | None) -> Task:
     rng = random.Random(seed)
     kind = kind or rng.choice(sorted(TASK_KINDS))
     template, chain = TASK_KINDS[kind]
@@ -139,6 +210,43 @@ def make_task(seed: int, kind: str | None = None) -> Task:
     sky = {c: rng.choice(SKIES) for c in sorted(set(city.values()))}
     subject = people[0]
     return Task(seed, kind, template.format(name=f'"{subject}"'), chain, subject, users, friend, city, sky)
+
+
+def _structured(task: Task, rng: random.Random, user_turns: int, abstain_frac: float,
+                fixed_kind: str | None) -> Task:
+    """`task` with 1..user_turns user turns, each abstaining with probability `abstain_frac`: a miss_func turn
+    needs the withheld tool, every answerable turn avoids it; a miss_param turn is followed by a turn that names
+    the person (same kind) when the episode has room for it."""
+    n = rng.randint(1, user_turns)
+    why: list[str | None] = [rng.choice(ABSTAIN_KINDS) if rng.random() < abstain_frac else None for _ in range(n)]
+    for i in range(n - 1):  # the user answers a miss_param question in the next turn
+        if why[i] == MISS_PARAM:
+            why[i + 1] = "supply"
+    withheld = rng.choice(WITHHOLDABLE) if MISS_FUNC in why else None
+    people = list(task.users)  # people[0] is the plain task's subject
+    turns: list[UserTurn] = []
+    kinds: list[str] = []
+    for i, w in enumerate(why):
+        needs = [k for k in sorted(TASK_KINDS) if (withheld in TASK_KINDS[k][1]) == (w == MISS_FUNC)]
+        if w == "supply":
+            kind = kinds[-1]
+        elif i == 0 and (fixed_kind or task.kind) in needs:
+            kind = fixed_kind or task.kind
+        else:
+            kind = rng.choice(needs)
+        subject = turns[-1].subject if w == "supply" else people[i % len(people)]
+        template, chain = TASK_KINDS[kind]
+        if w == MISS_PARAM:
+            turns.append(UserTurn(template.format(name=UNNAMED), tuple(chain), subject, MISS_PARAM))
+        elif w == "supply":
+            turns.append(UserTurn(f'I mean "{subject}".', tuple(chain), subject))
+        else:
+            turns.append(UserTurn(template.format(name=f'"{subject}"'), tuple(chain), subject, w))
+        kinds.append(kind)
+    first = turns[0]
+    return dataclasses.replace(task, kind=kinds[0], question=first.question, chain=list(first.chain),
+                               subject=first.subject, abstain=first.abstain, more=tuple(turns[1:]),
+                               withheld=withheld)
 
 
 # Every consumer draws tasks from its own split. The presets were tuned on the layout of version 0.1 (train tasks
@@ -172,6 +280,8 @@ def task_seed(split: str, index: int, run_seed: int = 0) -> int:
     return _HIGH_TRAIN_BASE + run_seed * TASKS_PER_RUN_SEED + index
 
 
-def task_split(split: str, n: int, offset: int = 0, run_seed: int = 0) -> list[Task]:
-    """Tasks `offset .. offset + n - 1` of `split` for `run_seed`."""
-    return [make_task(task_seed(split, offset + i, run_seed)) for i in range(n)]
+def task_split(split: str, n: int, offset: int = 0, run_seed: int = 0, *, user_turns: int = 1,
+               abstain_frac: float = 0.0) -> list[Task]:
+    """Tasks `offset .. offset + n - 1` of `split` for `run_seed` (with the structure options of `make_task`)."""
+    return [make_task(task_seed(split, offset + i, run_seed), user_turns=user_turns, abstain_frac=abstain_frac)
+            for i in range(n)]

@@ -5,7 +5,7 @@ usage: python runlog_writer.py RUN_DIR PAYLOAD_BYTES SLEEP_S
 import sys
 import time
 
-from collapse_probe.runlog import RunLog
+from collapse_probe.runs.runlog import RunLog
 
 run_dir, payload, sleep_s = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 log = RunLog(run_dir)

@@ -1,0 +1,1 @@
+"""The commands' work: analyze, watch, report, demo."""

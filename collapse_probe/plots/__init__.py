@@ -1,0 +1,1 @@
+"""Figures: the spike timeline, the gradient pressure, shared style."""
