@@ -25,7 +25,8 @@ pytest.importorskip("verl", reason="verl is installed by `make setup` (pip insta
 
 import torch.distributed as dist
 
-import collapse_probe.integrations.verl as cpv
+import collapse_probe.integrations.verl  # noqa: F401 - importing it patches verl's classes
+from collapse_probe.integrations.verl_capture import ATTR, attach
 from collapse_probe.models import load as model_load
 from collapse_probe.train import tiny
 from helpers.verl_setup import REPO, batch, cpu_shims, free_port, make_worker, reference, samples
@@ -75,7 +76,7 @@ def test_update_stats_equal_the_reference(world, tiny_model, remove_padding):
     worst = max(abs(got[k] - want[k]) for k in want)
     assert worst < 1e-4, worst
     assert got["cp/rollout/after_open/count"] == 5 and got["cp/rollout/turn_start/count"] == 7
-    cap = getattr(worker.engine, cpv.ATTR)
+    cap = getattr(worker.engine, ATTR)
     assert cap.forwards == 2  # two micro-batches of two
     # it was the policy update: the optimizer stepped after these forwards
     assert any(not torch.equal(a, b) for a, b in zip(before, worker.engine.module.parameters()))
@@ -128,7 +129,7 @@ def test_no_grad_forwards_are_not_measured(world, tiny_model):
 
     path, tok = tiny_model
     worker = make_worker(path, remove_padding=True)
-    cap = cpv.attach(worker.engine, tok)
+    cap = attach(worker.engine, tok)
     cap.active = True
     td = batch(tok, samples(tok))
     tu.assign_non_tensor(td, use_remove_padding=True, use_dynamic_bsz=False, micro_batch_size_per_gpu=2,
@@ -186,7 +187,8 @@ import torch.distributed as dist
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", rank=rank, world_size=2)
-import collapse_probe.integrations.verl as cpv
+import collapse_probe.integrations.verl  # noqa: F401 - importing it patches verl's classes
+from collapse_probe.integrations.verl_capture import ATTR, attach
 import helpers.verl_setup as T
 from verl.utils import tensordict_utils as tu
 from verl.utils.ulysses import set_ulysses_sequence_parallel_group, slice_input_tensor
@@ -209,7 +211,7 @@ for mode in ("ulysses", "data_parallel"):
         set_ulysses_sequence_parallel_group(dist.new_group([0, 1]))
     mb = T.batch(tok, rows)
     tu.assign_non_tensor(mb, use_remove_padding=True, temperature=T.TEMPERATURE, sp_size=2 if mode == "ulysses" else 1)
-    cap = cpv.attach(engine, tok); cap.active = True
+    cap = attach(engine, tok); cap.active = True
     inputs, args = engine.prepare_model_inputs(mb)  # verl's packing, padding and slicing
     ids = mb["input_ids"].values().unsqueeze(0)
     pos = mb["position_ids"].values().unsqueeze(0)

@@ -24,7 +24,8 @@ import json, os, sys, torch
 import torch.distributed as dist
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
 dist.init_process_group("gloo", rank=0, world_size=1)
-import collapse_probe.integrations.verl as cpv
+import collapse_probe.integrations.verl  # noqa: F401 - importing it patches verl's classes
+from collapse_probe.integrations.verl_capture import ATTR, attach
 import helpers.verl_setup as T
 import verl
 from verl import DataProto
@@ -61,7 +62,7 @@ for rmpad in (True, False):
                           use_remove_padding=rmpad, use_torch_compile=False)
     actor = dp_actor.DataParallelPPOActor(cfg, model, torch.optim.AdamW(model.parameters(), lr=1e-2))
     actor.param_dtype = torch.float32  # CPU autocast takes bf16 only: run the forward in fp32 as the reference
-    cpv.attach(actor, tok)
+    attach(actor, tok)
     data = DataProto.from_dict(tensors={{"input_ids": ids, "attention_mask": am, "responses": ids[:, P:],
         "position_ids": (am.cumsum(1) - 1).clamp(min=0), "response_mask": rm, "old_log_probs": torch.zeros(B, R),
         "advantages": torch.randn(B, R, generator=torch.Generator().manual_seed(0))}},
@@ -69,7 +70,7 @@ for rmpad in (True, False):
     metrics = actor.update_policy(data)
     got = {{k[len("actor/"):]: v for k, v in metrics.items() if k.startswith("actor/cp/")}}
     out[str(rmpad)] = {{"same_keys": set(got) == set(want), "worst": max(abs(got[k] - want[k]) for k in want),
-                        "forwards": getattr(actor, cpv.ATTR).forwards}}
+                        "forwards": getattr(actor, ATTR).forwards}}
 print(json.dumps(out))
 """
 

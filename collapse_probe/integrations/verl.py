@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from collapse_probe.integrations.verl_capture import (
-    ATTR, ActorCapture, attach, capture_of, gen_mask_packed, gen_mask_padded, is_dtensor, rollout_packed,
+    ATTR, ActorCapture, capture_of, gen_mask_packed, gen_mask_padded, is_dtensor, rollout_packed,
     rollout_padded, slice_locator, warn_once,
 )
 from collapse_probe.schema import VERL_ACTOR_PREFIX
