@@ -1,0 +1,1 @@
+"""A run on disk: find, write, read, join."""
