@@ -13,6 +13,7 @@ from collapse_probe.errors import UserError
 from collapse_probe.tokens import ControlTokens
 from collapse_probe.train import sft, tiny
 from collapse_probe import world
+from helpers.positions import body_ends
 
 
 
@@ -70,7 +71,7 @@ def _naive(logits, ids, gen, role_ids, adv, source):
                 pos[Position.AFTER_CLOSE.value].append((r, t))
             if x[t] == jo and g[t] and ((prev == nl and prev2 == opn) or prev == opn):
                 pos[Position.JSON_BODY.value].append((r, t))
-        for t in _body_ends(x, g, opn, close, getattr(role_ids, "braces", {})):  # and its newline, if one follows
+        for t in body_ends(x, g, opn, close, getattr(role_ids, "braces", {})):  # and its newline, if one follows
             at = t + 1 if t + 1 < t_len and x[t + 1] == nl and g[t + 1] else t
             if at + 1 < t_len and g[at + 1]:
                 pos[Position.BODY_CLOSED.value].append((r, at))
@@ -90,25 +91,6 @@ def _naive(logits, ids, gen, role_ids, adv, source):
                 rec[gp_key(kind, role, "chosen")] = sum(chosen) / len(ps)
                 rec[gp_key(kind, role, "other")] = sum(other) / len(ps)
     return rec
-
-
-def _body_ends(x, g, opn, close, braces):
-    """Generated positions whose token brings an open call's brace depth back to 0 (a plain walk over the row)."""
-    out, in_call, depth = [], False, 0
-    for t, tok in enumerate(x):
-        if g[t] and (t == 0 or not g[t - 1]):
-            in_call = False  # a new generated turn
-        if tok == opn and g[t]:
-            in_call, depth = True, 0
-            continue
-        if tok == close:
-            in_call = False
-            continue
-        o, c = braces.get(tok, (0, 0))
-        depth += o - c
-        if in_call and g[t] and c > 0 and depth == 0:
-            out.append(t)
-    return out
 
 
 def _assert_close(got, want, atol=2e-5):

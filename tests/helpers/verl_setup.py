@@ -14,6 +14,7 @@ import torch
 
 from collapse_probe.tokens import resolve_control_tokens
 from collapse_probe.models import load as model_load
+from helpers.positions import body_ends
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = "<|im_start|>user\nWhere does u1 live?<|im_end|>\n<|im_start|>assistant\n"
@@ -117,25 +118,6 @@ def make_worker(path: Path, *, remove_padding: bool, micro: int = 2, lr: float =
     worker.loss_fn = functools.partial(ppo_loss, config=actor)
     worker.profiler, worker.flops_counter, worker.device_name = DistProfiler(rank=0, config=None), None, "cpu"
     return worker
-
-
-def body_ends(x, g, opn, close, braces) -> list[int]:
-    """Generated positions whose token brings an open call's brace depth back to 0 (a plain walk over the row)."""
-    out, in_call, depth = [], False, 0
-    for t, tok in enumerate(x):
-        if g[t] and (t == 0 or not g[t - 1]):
-            in_call = False  # a new generated turn
-        if tok == opn and g[t]:
-            in_call, depth = True, 0
-            continue
-        if tok == close:
-            in_call = False
-            continue
-        o, c = braces.get(tok, (0, 0))
-        depth += o - c
-        if in_call and g[t] and c > 0 and depth == 0:
-            out.append(t)
-    return out
 
 
 def mismatch_reference(model, tok, rows, rollout_logp, temperature: float = TEMPERATURE) -> dict[str, float]:
