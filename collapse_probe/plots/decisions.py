@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from collapse_probe.plots.style import OKABE_ITO, P_FLOOR, ROLE_COLOURS, STYLE
+from collapse_probe.plots.style import OKABE_ITO, P_FLOOR, ROLE_COLOURS, STYLE, reproducible
 
 LABELS = {"after_open/json_open": '{" after tag', "after_open/end_of_turn": "end-of-turn after tag",
           "after_open/tool_open": "tag again after tag", "turn_start/tool_open": "tag at turn start"}
@@ -25,7 +25,7 @@ def _save(fig, out: Path | str) -> list[Path]:
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem] if stem.suffix in (".png", ".pdf", ".svg") else [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
     for p in paths:
-        fig.savefig(p, dpi=200, bbox_inches="tight")
+        fig.savefig(p, dpi=200, bbox_inches="tight", metadata=reproducible(p.suffix))
     plt.close(fig)
     return paths
 

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 
 from collapse_probe import schema  # noqa: E402
 from collapse_probe.errors import UserError  # noqa: E402
-from collapse_probe.plots.style import OKABE_ITO, STYLE  # noqa: E402
+from collapse_probe.plots.style import OKABE_ITO, STYLE, reproducible  # noqa: E402
 from collapse_probe.runs.timeline import Timeline  # noqa: E402
 
 ROLES = (("end_of_turn", "end-of-turn", OKABE_ITO["vermillion"]), ("json_open", '{"', OKABE_ITO["green"]))
@@ -76,6 +76,6 @@ def plot_pressure(tl: Timeline, out_stem: Path | str, *, position: str = schema.
         stem.parent.mkdir(parents=True, exist_ok=True)
         paths = [stem.with_suffix(f".{ext}") for ext in ("pdf", "svg", "png")]
         for p in paths:
-            fig.savefig(p, dpi=200 if p.suffix == ".png" else None)
+            fig.savefig(p, dpi=200 if p.suffix == ".png" else None, metadata=reproducible(p.suffix))
         plt.close(fig)
     return paths

@@ -18,5 +18,12 @@ STYLE = {"font.size": 7, "axes.titlesize": 7, "axes.labelsize": 7, "xtick.labels
          "legend.fontsize": 7, "axes.linewidth": 0.6, "xtick.major.width": 0.6, "ytick.major.width": 0.6,
          "xtick.major.size": 2.5, "ytick.major.size": 2.5, "ytick.minor.size": 1.5, "lines.linewidth": 1.1,
          "axes.spines.top": False, "axes.spines.right": False, "legend.frameon": False,
-         "pdf.fonttype": 42, "svg.fonttype": "none", "font.family": "DejaVu Sans"}
+         "pdf.fonttype": 42, "svg.fonttype": "none", "font.family": "DejaVu Sans",
+         "svg.hashsalt": "collapse-probe"}  # fixed ids: a figure redrawn from the same run is byte-identical
 P_FLOOR = 1e-4  # probabilities are drawn on a log axis: below this they sit on the floor
+
+
+def reproducible(fmt: str) -> dict | None:
+    """savefig metadata without the creation date, so a figure redrawn from the same run is byte-identical
+    (a committed report does not change when regenerated); `fmt` is "pdf", "svg" or "png"."""
+    return {"pdf": {"CreationDate": None}, "svg": {"Date": None}}.get(fmt.lstrip(".").lower())

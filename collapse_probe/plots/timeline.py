@@ -21,7 +21,9 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from collapse_probe.errors import UserError  # noqa: E402
 from collapse_probe import schema  # noqa: E402
-from collapse_probe.plots.style import OKABE_ITO, P_FLOOR, ROLE_COLOURS, STATE_COLOURS, STATE_LABELS, STYLE  # noqa: E402
+from collapse_probe.plots.style import (  # noqa: E402
+    OKABE_ITO, P_FLOOR, ROLE_COLOURS, STATE_COLOURS, STATE_LABELS, STYLE, reproducible,
+)
 from collapse_probe.runs.timeline import Timeline  # noqa: E402
 
 
@@ -204,6 +206,6 @@ def plot_timeline(tl: Timeline, verdict=None, out_stem: Path | str = "timeline",
         fig.align_ylabels(axes)
         paths = [out_stem.parent / f"{out_stem.name}{ext}" for ext in (".pdf", ".svg", ".png")]
         for p in paths:
-            fig.savefig(p, dpi=200)
+            fig.savefig(p, dpi=200, metadata=reproducible(p.suffix))
         plt.close(fig)
     return paths

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from collapse_probe.plots.style import OKABE_ITO, P_FLOOR, STYLE  # noqa: E402
+from collapse_probe.plots.style import OKABE_ITO, P_FLOOR, STYLE, reproducible  # noqa: E402
 from collapse_probe.study.rows import group_rows, same_lr  # noqa: E402
 
 __all__ = ["METHOD_COLOURS", "plot_study", "trace_band"]
@@ -63,7 +63,7 @@ def _save(fig, stem: Path) -> Path:
     for ext in ("pdf", "png"):
         tmp = stem.parent / f".{stem.name}.{os.getpid()}.{ext}.tmp"  # matplotlib opens it: the umask sets the mode
         try:
-            fig.savefig(tmp, format=ext, dpi=200 if ext == "png" else None)
+            fig.savefig(tmp, format=ext, dpi=200 if ext == "png" else None, metadata=reproducible(ext))
             os.replace(tmp, stem.parent / f"{stem.name}.{ext}")
         except BaseException:
             tmp.unlink(missing_ok=True)
